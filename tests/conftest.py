@@ -1,0 +1,158 @@
+"""Fixtures every test shares: ComfyUI in-process, stand-in models, photos, a real server.
+
+The host (ComfyUI + venv) comes from `bash scripts/setup_host.sh`, which the README's
+test command runs first; COMFYUI_PATH selects a user's own ComfyUI instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 shared cores: oversubscription is 100x slower
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from comfy_host import host  # noqa: E402
+from comfy_host.server import ComfyServer  # noqa: E402
+
+COMFY_DIR = host.import_comfyui(cpu=os.environ.get("PORTRAITBOOTH_TEST_GPU") != "1")
+ARTIFACTS = REPO / "test-artifacts"
+TEST_CHECKPOINT = "portraitbooth_test_sd15.safetensors"
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def photos_dir() -> Path:
+    """Real face photos extracted from registry packages by scripts/fetch_photos.py."""
+    path = host.photos_dir()
+    if not (path / "astronaut.png").is_file():
+        pytest.fail(f"No test photos in {path}: run `bash scripts/setup_host.sh`.")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint() -> str:
+    """Name of a random-weight SD1.5 checkpoint in ComfyUI's models/checkpoints/, built once."""
+    from comfy_host.standins import build_sd15_checkpoint
+
+    build_sd15_checkpoint(COMFY_DIR / "models" / "checkpoints" / TEST_CHECKPOINT)
+    return TEST_CHECKPOINT
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A small SD1.5 ModelPatcher on the CPU (random weights), loaded the way ComfyUI does."""
+    from comfy_host.standins import tiny_model_patcher
+
+    return tiny_model_patcher(seed=0)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory, sd15_checkpoint):
+    """One real ComfyUI with the pack for the whole session; stopped at the end."""
+    server = ComfyServer(tmp_path_factory.mktemp("comfy"), python=sys.executable)
+    try:
+        server.start()
+    except Exception as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def comfy(comfy_server):
+    """The HTTP client of the shared server."""
+    return comfy_server.client
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Start a dedicated server (own env or model paths); each is stopped after the test."""
+    started: list[ComfyServer] = []
+
+    def start(**kwargs) -> ComfyServer:
+        server = ComfyServer(tmp_path / f"comfy{len(started)}", python=sys.executable, **kwargs)
+        started.append(server)
+        try:
+            server.start()
+        except Exception as exc:
+            pytest.fail(str(exc), pytrace=False)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def load_pack():
+    """Import the pack the way ComfyUI does (a package named after its folder path)."""
+    import importlib.util
+
+    name = "portraitbooth_pack_under_test"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def pack_nodes() -> dict:
+    """node_id -> V3 node class, from the pack's own comfy_entrypoint."""
+    import asyncio
+
+    extension = asyncio.run(load_pack().comfy_entrypoint())
+    classes = asyncio.run(extension.get_node_list())
+    return {cls.define_schema().node_id: cls for cls in classes}
+
+
+@pytest.fixture(scope="session")
+def pack_folder_name() -> str:
+    """The name under which the pack sits in ComfyUI's custom_nodes/."""
+    for entry in (COMFY_DIR / "custom_nodes").iterdir():
+        if entry.is_dir() and entry.resolve() == REPO:
+            return entry.name
+    pytest.fail(f"The pack is not linked into {COMFY_DIR / 'custom_nodes'}: run scripts/setup_host.sh")
+
+
+def default_inputs(node_info: dict) -> dict:
+    """Values for a node's required inputs taken from its defaults or first choices."""
+    values = {}
+    for name, spec in node_info["input"].get("required", {}).items():
+        kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+        if isinstance(kind, list):
+            values[name] = kind[0]
+        elif kind == "COMBO":
+            values[name] = opts.get("default", opts["options"][0])
+        elif "default" in opts:
+            values[name] = opts["default"]
+    return values
+
+
+@pytest.fixture(scope="session")
+def sd15_parts(sd15_checkpoint):
+    """(model, clip, vae) of the random SD1.5 checkpoint, loaded in-process once.
+
+    The CLIP has the real SD1.5 tokenizer and CLIP-L architecture with random weights.
+    """
+    import comfy.sd
+
+    path = COMFY_DIR / "models" / "checkpoints" / sd15_checkpoint
+    model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    return model, clip, vae

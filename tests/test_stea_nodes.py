@@ -1,0 +1,95 @@
+"""Load PortraitBooth Model: the UNet patch goes through ComfyUI's own LoRA machinery."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stea_fixtures import lora_patch, write_model
+from portraitbooth_core.weightfile import PortraitBoothModel
+
+
+@pytest.fixture(scope="module")
+def pb_folder(tmp_path_factory, pack_nodes):
+    """A models/portraitbooth folder registered the way extra_model_paths.yaml would."""
+    import folder_paths
+
+    folder = tmp_path_factory.mktemp("portraitbooth")
+    folder_paths.add_model_folder_path("portraitbooth", str(folder))
+    write_model(folder / "pb_patch.safetensors", patch=lora_patch(0))
+    write_model(folder / "pb_text_only.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def load(pack_nodes, pb_folder):
+    node = pack_nodes["PortraitBoothLoadModel"]
+    return lambda model, name, strength=1.0: node.execute(model, name, strength).args
+
+
+def unet_out(patcher) -> torch.Tensor:
+    """One UNet evaluation with the patcher's patches applied, ComfyUI-style."""
+    import comfy.model_management
+
+    gen = torch.Generator().manual_seed(0)
+    x, context = torch.randn(1, 4, 16, 16, generator=gen), torch.randn(1, 77, 768, generator=gen)
+    comfy.model_management.load_models_gpu([patcher])
+    with torch.no_grad():
+        return patcher.model.apply_model(x, torch.tensor([5.0]), c_crossattn=context).clone()
+
+
+def test_folder_is_registered_and_listed(pack_nodes, pb_folder):
+    schema = pack_nodes["PortraitBoothLoadModel"].define_schema()
+    combo = next(i for i in schema.inputs if i.id == "portraitbooth_name")
+    assert {"pb_patch.safetensors", "pb_text_only.safetensors"} <= set(combo.options)
+
+
+def test_patch_changes_the_model_and_strength_zero_does_not(tiny_model, load):
+    base = unet_out(tiny_model)
+    patched, projector = load(tiny_model, "pb_patch.safetensors")
+    assert isinstance(projector, PortraitBoothModel) and projector.info.base == "sd15"
+    assert patched is not tiny_model and not torch.allclose(unet_out(patched), base, atol=1e-4)
+    assert torch.equal(unet_out(tiny_model), base)  # the input MODEL was cloned, not modified
+    untouched, _ = load(tiny_model, "pb_patch.safetensors", 0.0)
+    assert torch.equal(unet_out(untouched), base)
+    text_only, _ = load(tiny_model, "pb_text_only.safetensors")
+    assert torch.equal(unet_out(text_only), base)
+
+
+def test_patch_composes_with_another_lora(tiny_model, load):
+    import comfy.sd
+
+    other = lora_patch(seed=7)
+    pb_only, _ = load(tiny_model, "pb_patch.safetensors")
+    lora_only = comfy.sd.load_lora_for_models(tiny_model, None, other, 1.0, 0)[0]
+    pb_then_lora = comfy.sd.load_lora_for_models(pb_only, None, other, 1.0, 0)[0]
+    lora_then_pb, _ = load(lora_only, "pb_patch.safetensors")
+    key = "diffusion_model.input_blocks.1.1.proj_in.weight"
+    assert len(pb_then_lora.patches[key]) == 2  # both patches stacked on the same weight
+    both = unet_out(pb_then_lora)
+    assert not torch.allclose(both, unet_out(pb_only), atol=1e-4)
+    assert not torch.allclose(both, unet_out(lora_only), atol=1e-4)
+    torch.testing.assert_close(unet_out(lora_then_pb), both, atol=1e-4, rtol=1e-4)
+
+
+def test_stock_lora_loader_reads_the_same_unet_patch(tiny_model, load, pb_folder):
+    """The file's UNet part is a plain ComfyUI LoRA: a stock LoRA loader gives the same model."""
+    import comfy.sd
+    import comfy.utils
+
+    sd = comfy.utils.load_torch_file(str(pb_folder / "pb_patch.safetensors"), safe_load=True)
+    stock = comfy.sd.load_lora_for_models(tiny_model, None, sd, 0.7, 0)[0]
+    ours, _ = load(tiny_model, "pb_patch.safetensors", 0.7)
+    torch.testing.assert_close(unet_out(ours), unet_out(stock))
+
+
+def test_patch_that_does_not_fit_the_model_fails_clearly(tiny_model, pack_nodes, pb_folder):
+    key = "lora_unet_output_blocks_11_1_transformer_blocks_0_attn2_to_k"  # not in the one-level UNet
+    write_model(pb_folder / "pb_other.safetensors",
+                patch={f"{key}.lora_down.weight": torch.zeros(4, 768), f"{key}.lora_up.weight": torch.zeros(320, 4)})
+    with pytest.raises(ValueError, match="does not fit this MODEL"):
+        pack_nodes["PortraitBoothLoadModel"].execute(tiny_model, "pb_other.safetensors", 1.0)
+
+
+def test_missing_file_names_the_folder(tiny_model, pack_nodes, pb_folder):
+    with pytest.raises(FileNotFoundError, match="put PortraitBooth .safetensors files in"):
+        pack_nodes["PortraitBoothLoadModel"].execute(tiny_model, "gone.safetensors", 1.0)
