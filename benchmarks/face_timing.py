@@ -21,7 +21,8 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+# Appended: ComfyUI's `nodes` module must never be shadowed by the pack's nodes/ folder.
+sys.path += [p for p in (str(REPO), str(REPO / "tests")) if p not in sys.path]
 
 import numpy as np  # noqa: E402
 

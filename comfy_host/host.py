@@ -33,8 +33,10 @@ def import_comfyui(cpu: bool = True) -> Path:
     `cpu` sets ComfyUI's --cpu flag, which model_management reads once at import.
     """
     path = comfyui_dir()
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+    # ComfyUI first: its top-level `nodes` module and the pack's nodes/ folder share a name.
+    if str(path) in sys.path:
+        sys.path.remove(str(path))
+    sys.path.insert(0, str(path))
     if str(REPO) not in sys.path:
         sys.path.append(str(REPO))
     import comfy.options

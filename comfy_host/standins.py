@@ -74,17 +74,31 @@ def taesd_state_dict(seed: int = 2) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in taesd.state_dict().items()}
 
 
+# Bump when the stand-in's recipe changes: cached files of an older recipe are rebuilt.
+STANDIN_VERSION = "2"
+
+
+def _is_current(path: Path, seed: int) -> bool:
+    from portraitbooth_core.model_family import read_safetensors_header
+
+    try:
+        _, meta = read_safetensors_header(path)
+    except (OSError, ValueError):
+        return False
+    return meta.get("portraitbooth_standin_version") == f"{STANDIN_VERSION}:{seed}"
+
+
 def build_sd15_checkpoint(path: str | os.PathLike, seed: int = 0,
                           dtype: torch.dtype = torch.float16) -> Path:
     """Write a random SD1.5-format checkpoint (tiny UNet + CLIP-L + TAESD) atomically.
 
-    Reused when it already exists: building takes seconds, loading it in every test
-    should not pay that again.
+    Reused when a file of the same recipe and seed exists: building takes seconds,
+    and every test run should not pay that again.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
-    if path.is_file():
+    if path.is_file() and _is_current(path, seed):
         return path
     sd: dict[str, torch.Tensor] = {}
     for prefix, part in (("model.diffusion_model.", tiny_unet_state_dict(seed)),
@@ -94,7 +108,8 @@ def build_sd15_checkpoint(path: str | os.PathLike, seed: int = 0,
             sd[prefix + k] = v.to(dtype) if v.is_floating_point() else v
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.part")
-    save_file(sd, str(tmp), metadata={"portraitbooth_standin": "random-weight SD1.5 for tests"})
+    save_file(sd, str(tmp), metadata={"portraitbooth_standin": "random-weight SD1.5 for tests",
+                                      "portraitbooth_standin_version": f"{STANDIN_VERSION}:{seed}"})
     os.replace(tmp, path)
     return path
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import face, identity
+from . import ecac, face, identity
 
 CATEGORY = "PortraitBooth"
 
 
 class PortraitBoothExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*face.NODES, *identity.NODES]
+        return [*face.NODES, *identity.NODES, *ecac.NODES]

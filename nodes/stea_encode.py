@@ -7,6 +7,7 @@ so every token but the class words is bit-identical to CLIPTextEncode's output.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Sequence
 
 import torch
@@ -21,14 +22,30 @@ log = logging.getLogger("portraitbooth")
 CLIP_KEY = "l"  # SD1.5 has one text encoder, CLIP-L, under tokenizer key "l"
 
 
+_matchers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def clip_matcher(clip, words: Sequence[str]) -> ClassWordMatcher:
-    """A class-word matcher that uses this CLIP's own tokenizer and vocabulary."""
+    """A class-word matcher that uses this CLIP's own tokenizer and vocabulary.
+
+    Cached per tokenizer (CLIP clones share theirs): building it tokenizes every class
+    word, which was a measurable part of the node's cost on a GPU.
+    """
+    per_tokenizer = _matchers.setdefault(clip.tokenizer, {})
+    if tuple(words) not in per_tokenizer:
+        per_tokenizer[tuple(words)] = _build_matcher(clip, words)
+    return per_tokenizer[tuple(words)]
+
+
+def _build_matcher(clip, words: Sequence[str]) -> ClassWordMatcher:
     special = {int(t[0]) for t in clip.tokenize("")[CLIP_KEY][0]}  # start, end, pad
     pieces: dict[int, str] = {}
+    # The cached matcher must not keep the CLIP (or strongly its tokenizer, the cache key) alive.
+    tokenizer = weakref.ref(clip.tokenizer)
 
     def ends_word(token: int) -> bool:
         if token not in pieces:
-            pieces[token] = clip.tokenizer.untokenize([(token, 1.0)])[0][1]
+            pieces[token] = tokenizer().untokenize([(token, 1.0)])[0][1]
         return pieces[token].endswith("</w>")
 
     def tokenize_word(word: str) -> list[int]:

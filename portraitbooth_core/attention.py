@@ -71,7 +71,8 @@ class AttentionStore:
         if sigma != self._last_sigma or self.steps == 0:
             self.steps += 1
         self._last_sigma = sigma
-        maps = F.interpolate(maps.detach().float(), size=size, mode="bilinear", align_corners=False).cpu()
+        # Kept on the maps' device: a .cpu() per layer would stall a GPU every call.
+        maps = F.interpolate(maps.detach().float(), size=size, mode="bilinear", align_corners=False)
         if self._sum is None or self._sum.shape != maps.shape:
             self._sum, self._count = torch.zeros_like(maps), 0
         self._sum += maps
@@ -79,7 +80,7 @@ class AttentionStore:
 
     def mean(self) -> torch.Tensor | None:
         """(cond rows, groups, H, W) averaged over everything recorded, or None."""
-        return None if self._sum is None else self._sum / self._count
+        return None if self._sum is None else (self._sum / self._count).cpu()
 
 
 class AttentionCapture:

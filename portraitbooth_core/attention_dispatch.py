@@ -159,7 +159,8 @@ class Attn2Dispatcher:
         elif len(rows) == q.shape[0]:
             return ours
         else:
-            others = [r for r in range(q.shape[0]) if r not in set(rows)]
+            cond = set(rows)
+            others = [r for r in range(q.shape[0]) if r not in cond]
             full = torch.zeros(q.shape[0], q.shape[1], ours.shape[-1], dtype=ours.dtype, device=ours.device)
             idx = torch.as_tensor(others, device=q.device)
             full = full.index_copy(0, idx, self._fused(_rows(q, others), _rows(k, others), _rows(v, others),

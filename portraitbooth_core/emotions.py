@@ -76,7 +76,16 @@ def find_word_tokens(chunks: Sequence[Sequence], words: Iterable[str], ids_of: C
     if not words:
         return []
     matcher = ClassWordMatcher(words, lambda w: list(ids_of(w)), ends_word or (lambda _t: True), special)
-    return [TokenMatch(h.word, h.position, emotion_of(h.word)) for h in matcher.find(_as_entries(chunks))]
+    hits = matcher.find(_as_entries(chunks))
+    # A word found inside a longer one ("happy" in "un"+"happy") is dropped: without
+    # word-end marks the matcher cannot tell on its own.
+    claimed: set[int] = set()
+    kept = []
+    for h in sorted(hits, key=lambda h: -len(matcher.word_ids[h.word])):
+        if h.position not in claimed:
+            claimed.update(range(h.position - len(matcher.word_ids[h.word]) + 1, h.position + 1))
+            kept.append(h)
+    return [TokenMatch(h.word, h.position, emotion_of(h.word)) for h in sorted(kept, key=lambda h: h.position)]
 
 
 def find_expression_tokens(chunks: Sequence[Sequence], ids_of: Callable[[str], Sequence[int]],

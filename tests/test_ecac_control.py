@@ -1,6 +1,7 @@
 """Expression control and capture at the level of one attn2 call (no UNet)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from portraitbooth_core.attention import AttentionCapture, AttentionStore
@@ -55,19 +56,13 @@ def test_constrain_rows_caps_identity_floors_expression_keeps_proportions():
                          [0.50, 0.10, 0.20, 0.05, 0.15, 0.00]])  # already within limits
     out = constrain_rows(rows, ID, EXPR, beta=0.8, gamma=0.1)
     assert torch.allclose(out.sum(-1), torch.ones(2))
-    assert out[0, 2].item() == pytest_approx(0.8) and out[0, 4].item() == pytest_approx(0.1)
+    assert out[0, 2].item() == pytest.approx(0.8) and out[0, 4].item() == pytest.approx(0.1)
     free = [0, 1, 3, 5]
     assert torch.allclose(out[0, free] / out[0, free].sum(), rows[0, free] / rows[0, free].sum())
     assert torch.equal(out[1], rows[1])
     # targets that cannot all fit (beta + 2 gamma > 1) are scaled to fill the row exactly
     squeezed = constrain_rows(rows[:1], ID, [3, 4], beta=0.9, gamma=0.1)
     assert torch.allclose(squeezed.sum(-1), torch.ones(1)) and squeezed[0, [0, 1, 5]].sum() == 0
-
-
-def pytest_approx(x):
-    import pytest
-
-    return pytest.approx(x, abs=1e-6)
 
 
 def test_control_changes_only_targeted_tokens_inside_the_region():

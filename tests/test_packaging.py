@@ -37,8 +37,9 @@ spec = importlib.util.spec_from_file_location("pb_pack", {str(REPO / '__init__.p
 mod = importlib.util.module_from_spec(spec); sys.modules["pb_pack"] = mod; spec.loader.exec_module(mod)
 ext = asyncio.run(mod.comfy_entrypoint()); asyncio.run(ext.get_node_list())
 heavy = ["onnxruntime", "cv2", "retinaface", "onnx", "onnx2torch", "facexlib", "dlib", "insightface"]
-print(",".join(m for m in heavy if m in sys.modules))
+print("IMPORTED:" + ",".join(m for m in heavy if m in sys.modules))
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "", f"imported at load: {out.stdout}"
+    imported = [line for line in out.stdout.splitlines() if line.startswith("IMPORTED:")]
+    assert imported == ["IMPORTED:"], f"imported while loading the pack: {imported}"

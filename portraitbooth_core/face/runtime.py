@@ -36,8 +36,7 @@ def resolve_providers(provider: str = "auto") -> list[str]:
         _cpu_notice_given = True
         msg = (f"[PortraitBooth] onnxruntime {ort.__version__} has no CUDA provider; face "
                "detection and recognition run on the CPU. Install 'onnxruntime-gpu' to use the GPU.")
-        log.warning(msg)
-        print(msg, flush=True)
+        log.warning(msg)  # ComfyUI's console shows warnings; unconfigured logging prints them too
     return ["CPUExecutionProvider"]
 
 

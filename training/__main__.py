@@ -1,0 +1,114 @@
+"""Command line: `python -m training {build,train,export} ...` (train under torchrun for DDP).
+
+    python -m training build photos/ data/ --pack models/insightface/models/antelopev2
+    python -m training train --config train.toml --set steps=2000 --set mode=full
+    torchrun --nproc_per_node 8 -m training train --config train.toml
+    python -m training export --config train.toml --out model.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _build(args) -> int:
+    from portraitbooth_core.face import build_encoder
+
+    from .build import BuildSettings, DatasetBuilder, format_report
+    from .face_crops import CropSettings
+
+    encoder = build_encoder(args.pack, detector=args.detector, recognizer=args.recognizer, provider=args.provider,
+                            parsing_weights=args.parsing_weights)
+    crops = CropSettings(args.resolution, args.crop_scale, args.det_threshold, args.min_face, args.several_faces)
+    settings = BuildSettings(crops, args.caption_template, args.default_word, shard_size=args.shard_size)
+    report = DatasetBuilder(args.source, args.output, encoder, settings).build()
+    print(format_report(report))
+    return 0 if report["samples"] else 1
+
+
+def _config(args):
+    from .config import load_config
+
+    overrides = list(args.set or [])
+    for name in ("checkpoint", "dataset", "output"):
+        if getattr(args, name, None):
+            overrides.append(f"{name}={json.dumps(getattr(args, name))}")
+    return load_config(args.config, overrides)
+
+
+def _train(args) -> int:
+    from . import distributed as D
+    from .trainer import Trainer
+
+    config = _config(args)
+    dist = D.setup(args.device)
+    try:
+        trainer = Trainer(config, dist)
+        path = trainer.run()
+        if path is not None:
+            print(f"[train] exported {path}")
+        trainer.close()
+    finally:
+        D.teardown(dist)
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export
+    from .trainer import Trainer
+
+    trainer = Trainer(_config(args))
+    if trainer.resumed_from is None:
+        print(f"no checkpoint under {Path(trainer.config.output) / 'checkpoints'}", file=sys.stderr)
+        return 1
+    print(f"[export] {export(trainer, args.out)} (from {trainer.resumed_from})")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build a dataset (shards + index + report) from people folders")
+    b.add_argument("source")
+    b.add_argument("output")
+    b.add_argument("--pack", help="insightface pack folder (SCRFD + ArcFace); default: zero-download backends")
+    b.add_argument("--detector", default="auto")
+    b.add_argument("--recognizer", default="auto")
+    b.add_argument("--provider", default="auto")
+    b.add_argument("--parsing-weights", help="parsing_bisenet.pth; default: ellipse masks")
+    b.add_argument("--resolution", type=int, default=512)
+    b.add_argument("--crop-scale", type=float, default=3.0)
+    b.add_argument("--det-threshold", type=float, default=0.6)
+    b.add_argument("--min-face", type=int, default=32)
+    b.add_argument("--several-faces", choices=("skip", "largest"), default="skip")
+    b.add_argument("--caption-template", default="", help='e.g. "a photo of a {word}" for photos without sidecar')
+    b.add_argument("--default-word", default="", help="class word for the template (or class.txt per person)")
+    b.add_argument("--shard-size", type=int, default=1000)
+    for name in ("train", "export"):
+        t = sub.add_parser(name)
+        t.add_argument("--config", help="JSON or TOML file with TrainConfig fields")
+        t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable)")
+        t.add_argument("--checkpoint")
+        t.add_argument("--dataset")
+        t.add_argument("--output")
+        t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+        if name == "export":
+            t.add_argument("--out", help="weight file path (default <output>/<export_name>)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from .comfy_env import import_comfyui
+
+    import_comfyui(cpu=True if getattr(args, "device", "auto") == "cpu" else None)
+    return {"build": _build, "train": _train, "export": _export}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

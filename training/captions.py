@@ -1,0 +1,118 @@
+"""Captions of training samples: where they come from, the class word normalized to one of
+the configured identity words, and the token positions of identity and expression words.
+
+Positions are found on BPE ids with the core's matcher (the same code the nodes use),
+under SD1.5's CLIP tokenizer from ComfyUI, and only in the first 77-token chunk: the
+trainer encodes that chunk.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from portraitbooth_core.emotions import find_expression_tokens, find_word_tokens
+
+CLIP_KEY = "l"
+CHUNK = 77
+# Words that name the subject, by the identity word they are normalized to. Captions
+# from taggers and people say "guy", "lady", "gentleman"; the model learns one word per class.
+DEFAULT_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "man": ("man", "guy", "gentleman", "male", "boy", "dude"),
+    "woman": ("woman", "lady", "female", "girl", "gal"),
+}
+
+
+class CaptionError(ValueError):
+    """A caption that cannot train the identity token; the message is the skip reason."""
+
+
+def read_caption(image: Path) -> str | None:
+    """The sidecar caption of an image: <stem>.txt, or <stem>.json with a "caption" key."""
+    txt, js = image.with_suffix(".txt"), image.with_suffix(".json")
+    if txt.is_file():
+        return txt.read_text(encoding="utf-8").strip() or None
+    if js.is_file():
+        data = json.loads(js.read_text(encoding="utf-8"))
+        caption = data.get("caption") if isinstance(data, dict) else None
+        return str(caption).strip() if caption else None
+    return None
+
+
+def normalize_class_word(caption: str, synonyms: Mapping[str, Sequence[str]] = DEFAULT_SYNONYMS) -> tuple[str, str]:
+    """(caption with its first subject word replaced by the identity word, that word).
+
+    Only whole words count ("woman" is never read as "man"); the first one in the caption
+    is the subject. Raises CaptionError when there is none.
+    """
+    table = {syn.lower(): word for word, syns in synonyms.items() for syn in (word, *syns)}
+    pattern = re.compile(r"\b(" + "|".join(sorted(map(re.escape, table), key=len, reverse=True)) + r")\b",
+                         re.IGNORECASE)
+    found = pattern.search(caption)
+    if found is None:
+        raise CaptionError(f"no class word in caption (expected one of: {', '.join(sorted(table))})")
+    word = table[found.group(1).lower()]
+    return caption[:found.start()] + word + caption[found.end():], word
+
+
+class TokenFinder:
+    """Identity/expression positions of a caption under a ComfyUI SD1.5 tokenizer."""
+
+    def __init__(self, tokenizer=None):
+        if tokenizer is None:
+            import comfy.sd1_clip
+
+            tokenizer = comfy.sd1_clip.SD1Tokenizer()
+        self.tokenizer = tokenizer
+        self.special = {int(t[0]) for t in self.tokenize("")[0]}
+        self._pieces: dict[int, str] = {}
+
+    def tokenize(self, text: str, **kwargs) -> list[list[tuple]]:
+        return self.tokenizer.tokenize_with_weights(text, **kwargs)[CLIP_KEY]
+
+    def ids_of(self, word: str) -> list[int]:
+        return [int(t[0]) for chunk in self.tokenize(word, disable_weights=True) for t in chunk
+                if int(t[0]) not in self.special]
+
+    def ends_word(self, token: int) -> bool:
+        if token not in self._pieces:
+            self._pieces[token] = self.tokenizer.untokenize([(token, 1.0)])[0][1]
+        return self._pieces[token].endswith("</w>")
+
+    def positions(self, caption: str, identity_word: str) -> tuple[list[int], list[str], list[int]]:
+        """(identity positions, expression words, expression positions) in the first chunk."""
+        chunks = self.tokenize(caption, disable_weights=True)[:1]
+        ident = [m.position for m in find_word_tokens(chunks, [identity_word], self.ids_of, self.ends_word,
+                                                      self.special) if m.position < CHUNK]
+        if not ident:
+            raise CaptionError(f"class word '{identity_word}' is not within the first {CHUNK - 2} tokens "
+                               f"of the caption")
+        expr = [m for m in find_expression_tokens(chunks, self.ids_of, self.ends_word, self.special)
+                if m.position < CHUNK]
+        return ident[:1], [m.word for m in expr], [m.position for m in expr]
+
+
+@dataclass(frozen=True)
+class CaptionInfo:
+    caption: str
+    identity_word: str
+    identity_positions: list[int]
+    expression_words: list[str]
+    expression_positions: list[int]
+
+
+def caption_info(raw: str | None, finder: TokenFinder, template: str = "", default_word: str = "",
+                 synonyms: Mapping[str, Sequence[str]] = DEFAULT_SYNONYMS) -> CaptionInfo:
+    """Everything the trainer needs from one caption; raises CaptionError to skip it."""
+    if not raw:
+        if not template:
+            raise CaptionError("no caption sidecar (.txt/.json) and no caption template")
+        if "{word}" in template and not default_word:
+            raise CaptionError("no caption sidecar and no class word for the template (set default_word "
+                               "or a class.txt in the person's folder)")
+        raw = template.format(word=default_word)
+    caption, word = normalize_class_word(raw, synonyms)
+    ident, expr_words, expr_pos = finder.positions(caption, word)
+    return CaptionInfo(caption, word, ident, expr_words, expr_pos)

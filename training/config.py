@@ -1,0 +1,144 @@
+"""Training configuration: one dataclass, loaded from a JSON or TOML file, overridden
+from the command line with `--set key=value` (value parsed as JSON, else taken as text).
+
+Every field has the paper's default where the paper gives one (design.md §1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+MODES = ("full", "lora", "frozen")
+OPTIMIZERS = ("adamw", "adamw8bit")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    checkpoint: str = ""          # SD1.5 .safetensors, loaded with ComfyUI's loader
+    dataset: str = ""             # folder with index.json (python -m training build)
+    output: str = "runs/portraitbooth"
+    # what trains
+    mode: str = "lora"            # full UNet, LoRA on attention, or frozen UNet (projector only)
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_targets: str = r"attn[12]\.to_(q|k|v|out\.0)$"  # module-name regex inside the UNet
+    projector_hidden: int = 1024
+    # schedule
+    steps: int = 1000
+    micro_batch: int = 1          # samples per process per forward
+    grad_accum: int = 1           # global batch = world size * micro_batch * grad_accum
+    lr: float = 1e-5              # the paper's constant rate
+    projector_lr: float = 0.0     # 0: same as lr
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"      # adamw8bit needs bitsandbytes
+    max_grad_norm: float = 1.0    # 0 disables clipping
+    ema_decay: float = 0.0        # 0 disables EMA; export uses EMA weights when on
+    precision: str = "auto"       # auto: bf16 autocast on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    # recipe (design.md §1)
+    p_text_only: float = 0.1      # samples trained without the identity (text only)
+    p_uncond: float = 0.1         # samples with the empty prompt, for CFG
+    p_masked_noise: float = 0.5   # identity samples whose noise loss counts only in the face
+    noise_weight: float = 1.0     # 0 switches a term off
+    loc_weight: float = 1.0
+    id_weight: float = 1.0
+    id_max_timestep: int = 250    # R_t: DIP's identity loss only for t <= R_t
+    loc_layers: str = "mid"       # cross-attention layers of L_loc: "mid" (16x16 at 512 px) or "all"
+    ecac_beta: float = 0.8
+    ecac_gamma: float = 0.1
+    ecac_lambda: float = 0.001
+    ecac_mu: float = 0.01
+    recognizer: str = ""          # ArcFace ONNX for L_id; empty: the one the dataset was built with
+    recognizer_feature: str = "final"
+    # bookkeeping
+    log_every: int = 1
+    save_every: int = 100
+    keep_last: int = 3
+    validate_every: int = 0       # 0: no validation images
+    validation_steps: int = 10
+    validation_cfg: float = 5.0
+    tensorboard: bool = False
+    export_every: int = 0         # 0: export only at the end
+    export_name: str = "portraitbooth.safetensors"
+    extra: dict = field(default_factory=dict)  # free-form notes copied into the export's metadata
+
+    def validate(self) -> "TrainConfig":
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.p_text_only + self.p_uncond > 1:
+            problems.append("p_text_only + p_uncond must not exceed 1")
+        for name in ("steps", "micro_batch", "grad_accum", "save_every", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if problems:
+            raise ValueError("invalid training configuration: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _coerce(name: str, value: Any, kind: type | str) -> Any:
+    kind = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}.get(kind, kind) \
+        if isinstance(kind, str) else kind
+    if kind is bool and isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}: expected true/false, got {value!r}")
+    if kind is float and isinstance(value, int):
+        return float(value)
+    if kind is str and not isinstance(value, str):
+        return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    if not isinstance(value, kind):
+        raise ValueError(f"{name}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def apply_overrides(config: TrainConfig, values: dict | Iterable[str]) -> TrainConfig:
+    """A copy with `values` applied: a dict, or 'key=value' strings from `--set`."""
+    if not isinstance(values, dict):
+        pairs = {}
+        for item in values:
+            if "=" not in item:
+                raise ValueError(f"--set expects key=value, got {item!r}")
+            key, raw = item.split("=", 1)
+            pairs[key.strip()] = _parse_value(raw)
+        values = pairs
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown training setting(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    changes = {k: _coerce(k, v, fields[k]) for k, v in values.items()}
+    return dataclasses.replace(config, **changes)
+
+
+def load_config(path: str | Path | None = None, overrides: dict | Iterable[str] = ()) -> TrainConfig:
+    """Defaults <- file (.json or .toml) <- overrides, validated."""
+    config = TrainConfig()
+    if path:
+        path = Path(path)
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        config = apply_overrides(config, data)
+    return apply_overrides(config, overrides).validate()

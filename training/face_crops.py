@@ -1,0 +1,83 @@
+"""One photo -> what a training sample keeps of it: the square target crop at the training
+resolution with the face's box, landmarks and mask in that crop's pixels, plus the face's
+embedding and aligned 112x112 crop (for use as another sample's reference).
+
+Face analysis is the core's FaceEncoder (detector, recognizer, parser or fallback mask);
+nothing here detects or embeds on its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from portraitbooth_core.face.align import align_face
+from portraitbooth_core.face.images import resize
+from portraitbooth_core.face.parsing import fallback_mask
+from portraitbooth_core.face.types import DetectedFace
+
+from .sources import SkipError
+
+
+@dataclass
+class CropSettings:
+    resolution: int = 512
+    crop_scale: float = 3.0       # crop side / face side, capped by the image's short side
+    det_threshold: float = 0.6
+    min_face: int = 32            # px in the source photo; smaller faces carry no identity
+    several_faces: str = "skip"   # or "largest": keep the largest face of a group photo
+
+
+@dataclass
+class FaceCrop:
+    image: np.ndarray       # R x R x 3 uint8 target
+    mask: np.ndarray        # R x R uint8 0..255
+    box: np.ndarray         # (4,) in target pixels
+    landmarks: np.ndarray   # (5, 2) in target pixels
+    embedding: np.ndarray   # (D,) float32, the recognizer's normalized embedding
+    aligned: np.ndarray     # 112 x 112 x 3 uint8, ArcFace-aligned face
+    note: str = ""
+
+
+def pick_face(encoder, image: np.ndarray, settings: CropSettings) -> DetectedFace:
+    faces = encoder.detect(image, settings.det_threshold)
+    if not faces:
+        raise SkipError(f"no face found (det_threshold {settings.det_threshold})")
+    if len(faces) > 1 and settings.several_faces == "skip":
+        raise SkipError(f"several faces ({len(faces)}); the identity would be ambiguous")
+    face = max(faces, key=lambda f: f.area)
+    if min(face.width, face.height) < settings.min_face:
+        raise SkipError(f"face too small ({min(face.width, face.height):.0f} px < {settings.min_face} px)")
+    return face
+
+
+def square_window(shape_hw: tuple[int, int], face: DetectedFace, scale: float) -> tuple[int, int, int]:
+    """(x0, y0, side): a square around the face, inside the image."""
+    h, w = shape_hw
+    side = int(min(h, w, max(face.width, face.height) * scale))
+    cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
+    x0 = int(np.clip(round(cx - side / 2), 0, w - side))
+    y0 = int(np.clip(round(cy - side / 2), 0, h - side))
+    return x0, y0, side
+
+
+def face_crop(encoder, image: np.ndarray, settings: CropSettings) -> FaceCrop:
+    """Analyze one RGB uint8 photo; raises SkipError with the reason when it cannot be used."""
+    face = pick_face(encoder, image, settings)
+    embedding = np.asarray(encoder.recognizer.embed_faces(image, [face])[0], dtype=np.float32)
+    embedding = embedding / max(float(np.linalg.norm(embedding)), 1e-12)
+    parser = getattr(encoder, "parser", None)
+    mask = parser.mask(image, face) if parser is not None else fallback_mask(image.shape[:2], face)
+    x0, y0, side = square_window(image.shape[:2], face, settings.crop_scale)
+    r = settings.resolution
+    target = resize(np.ascontiguousarray(image[y0:y0 + side, x0:x0 + side]), (r, r))
+    mask_u8 = (np.asarray(mask[y0:y0 + side, x0:x0 + side], np.float32) * 255).round().astype(np.uint8)
+    mask_r = resize(np.repeat(mask_u8[:, :, None], 3, axis=2), (r, r))[:, :, 0]
+    factor = r / side
+    offset = np.array([x0, y0], np.float32)
+    box = (face.box.reshape(2, 2) - offset).reshape(4) * factor
+    landmarks = (face.landmarks - offset) * factor
+    if mask_r.max() == 0:
+        raise SkipError("the face mask is empty inside the training crop")
+    return FaceCrop(target, mask_r, box.astype(np.float32), landmarks.astype(np.float32), embedding,
+                    align_face(image, face.landmarks, 112))

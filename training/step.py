@@ -1,0 +1,124 @@
+"""One forward pass of the training objective, as an nn.Module so DDP can wrap it.
+
+The module owns only what trains (the UNet or its LoRA adapters, and the STEA projector);
+the frozen CLIP, VAE and recognizer ride along outside its parameters so DDP neither
+broadcasts nor watches them.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from portraitbooth_core.attention import AttentionCapture
+from portraitbooth_core.stea import STEAProjector, splice_identity
+from portraitbooth_core.unet_layers import cross_attention_layers, install_on_layers, select_layers
+
+from .config import TrainConfig
+from .data import IDENTITY, Batch
+from .losses import dip_identity_loss, localization_loss, noise_loss
+from .models import Models
+
+TERMS = ("noise", "loc", "id")
+
+
+def comfy_attention(q, k, v, heads, **kwargs):
+    import comfy.ldm.modules.attention as attention
+
+    return attention.optimized_attention(q, k, v, heads, **kwargs)
+
+
+class TextCache:
+    """CLIP encodings of captions (first 77-token chunk), computed once: CLIP is frozen."""
+
+    def __init__(self, clip, limit: int = 100_000):
+        self.clip, self.limit, self.cache = clip, limit, {}
+
+    def __call__(self, caption: str) -> torch.Tensor:
+        hit = self.cache.get(caption)
+        if hit is None:
+            tokens = self.clip.tokenize(caption)
+            tokens = {k: v[:1] for k, v in tokens.items()}
+            with torch.no_grad():
+                hit = self.clip.encode_from_tokens(tokens).detach().float().cpu()
+            if len(self.cache) < self.limit:
+                self.cache[caption] = hit
+        return hit
+
+
+class TrainModule(nn.Module):
+    def __init__(self, models: Models, projector: STEAProjector, config: TrainConfig, recognizer=None,
+                 resolution: int = 512):
+        super().__init__()
+        self.unet = models.unet if config.mode == "full" else None
+        self.lora = models.lora
+        self.projector = projector
+        self.config, self.resolution = config, resolution
+        self._frozen = (models, recognizer)  # a tuple: not registered as submodules
+        self.text = TextCache(models.clip)
+        self.layers = select_layers(cross_attention_layers(models.unet), config.loc_layers)
+
+    @property
+    def models(self) -> Models:
+        return self._frozen[0]
+
+    def autocast(self):
+        device = self.models.device
+        if self.config.precision == "bf16" or (self.config.precision == "auto" and device.type == "cuda"):
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def conditioning(self, batch: Batch) -> torch.Tensor:
+        device = self.models.device
+        conds = []
+        for i, caption in enumerate(batch.captions):
+            cond = self.text(caption).to(device)
+            if int(batch.modes[i]) == IDENTITY:
+                cond = splice_identity(cond, batch.identity_positions[i], batch.embeddings[i:i + 1], self.projector)
+            conds.append(cond)
+        return torch.cat(conds)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        cfg, models = self.config, self.models
+        acp = models.alphas_cumprod.to(models.device)
+        z0 = models.encode_pixels(batch.images)
+        abar = acp[batch.timesteps]
+        sigma = ((1 - abar) / abar).sqrt()
+        x = z0 + sigma.view(-1, 1, 1, 1) * batch.noise      # ComfyUI's sigma-space noisy latent
+        identity = batch.modes == IDENTITY
+        capture = None
+        options: dict = {}
+        if cfg.loc_weight > 0:
+            capture = AttentionCapture({"identity": batch.identity_positions,
+                                        "expression": batch.expression_positions}, differentiable=True)
+            attn2: dict = {}
+            install_on_layers(attn2, self.layers, lambda _layer: capture, comfy_attention)
+            options = {"patches_replace": {"attn2": attn2}}
+        cond = self.conditioning(batch)
+        with self.autocast():
+            denoised = models.base.apply_model(x, sigma, c_crossattn=cond, transformer_options=options).float()
+        eps_hat = (x - denoised) / sigma.view(-1, 1, 1, 1)
+        terms: dict[str, torch.Tensor] = {}
+        if cfg.noise_weight > 0:
+            terms["noise"] = noise_loss(eps_hat, batch.noise, batch.masks, batch.masked_noise)
+        if capture is not None:
+            layers = capture.pop_layers()
+            has_expr = torch.tensor([bool(p) for p in batch.expression_positions], device=x.device)
+            terms["loc"] = localization_loss(layers, batch.masks, identity.float(), has_expr.float(), cfg)
+        dip = identity & (batch.timesteps <= cfg.id_max_timestep)
+        recognizer = self._frozen[1]
+        if cfg.id_weight > 0 and recognizer is not None and bool(dip.any()):
+            idx = dip.nonzero().flatten()
+            with self.autocast():
+                terms["id"] = dip_identity_loss(models, recognizer, denoised[idx], batch.references[idx],
+                                                batch.landmarks[idx], self.resolution).float()
+        weights = {"noise": cfg.noise_weight, "loc": cfg.loc_weight, "id": cfg.id_weight}
+        total = sum(weights[k] * v for k, v in terms.items())
+        if not torch.is_tensor(total):
+            total = x.new_zeros(())
+        # Parameters a micro-batch did not use (the projector without identity samples)
+        # get an explicit zero gradient, so DDP needs no unused-parameter search.
+        total = total + 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
+        terms["total"] = total
+        return terms
