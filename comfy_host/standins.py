@@ -122,3 +122,21 @@ def tiny_model_patcher(seed: int = 0):
     if model is None:
         raise RuntimeError("ComfyUI did not recognise the stand-in UNet as a diffusion model")
     return model
+
+
+def build_portraitbooth_file(path: str | os.PathLike, face_kind: str = "dlib:resnet128",
+                             face_dim: int = 128, seed: int = 0, hidden: int = 256) -> Path:
+    """A PortraitBooth weight file with a random projector whose output depends on the face.
+
+    A freshly initialised projector passes the text through unchanged (its last layer
+    starts at zero), so the stand-in randomises that layer too.
+    """
+    from portraitbooth_core.stea import ProjectorConfig, STEAProjector
+    from portraitbooth_core.weightfile import save_portraitbooth
+    from portraitbooth_core.weightfile_meta import FaceEncoderSpec
+
+    torch.manual_seed(seed)
+    projector = STEAProjector(ProjectorConfig(face_dim=face_dim, hidden_dim=hidden))
+    torch.nn.init.normal_(projector.fc2.weight, std=0.05)
+    return save_portraitbooth(path, projector, FaceEncoderSpec(face_kind, face_dim),
+                              training={"standin": "random weights for smoke runs and tests"})

@@ -115,15 +115,19 @@ def encode_with_identity(clip, text: str, identities: Sequence[Identity], model:
     text_conds = clip.encode_from_tokens_scheduled(tokens)
     # A weighted class word ("(man:1.2)") must feed the projector its unweighted CLIP output.
     raw_conds = clip.encode_from_tokens_scheduled(_unit_weights(tokens)) if any(w != 1.0 for w in weights) else None
+    # Readers downstream (ECAC, regions) need to know which tokens carry the identities;
+    # only the identity entries get it, the plain-text ranges below do not.
+    stea_info = {"class_positions": list(positions), "base": info.base}
     out = []
     for n, (cond, extra) in enumerate(text_conds):
         psi = raw_conds[n][0][:, positions] if raw_conds is not None else None
         with torch.no_grad():
             id_cond = splice_identity(cond, positions, faces, model.projector, strength, psi=psi, weights=weights)
+        id_extra = {**extra, "portraitbooth": dict(stea_info)}
         if start_percent <= 0.0 and end_percent >= 1.0:
-            out.append([id_cond, dict(extra)])
+            out.append([id_cond, id_extra])
             continue
-        out.append(_with_range([id_cond, extra], start_percent, end_percent))
+        out.append(_with_range([id_cond, id_extra], start_percent, end_percent))
         if start_percent > 0.0:
             out.append(_with_range([cond, extra], 0.0, start_percent))
         if end_percent < 1.0:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -146,13 +147,19 @@ class Trainer:
             self.skipped_steps.append({"step": self.step, "terms": {k: repr(v) for k, v in sums.items()}})
             log.warning("step %d skipped: non-finite loss or gradient %s", self.step, sums)
             sums["skipped"] = 1.0
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # A skipped step still advances the schedule (it consumed its data); torch warns
+            # when that happens before the first optimizer step.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         self.step += 1
         return sums
 
     # -- the run -------------------------------------------------------------------------
-    def run(self, callback: Callable[[int, int, dict], None] | None = None) -> Path | None:
-        """Train to config.steps; returns the exported weight file (on rank 0)."""
+    def run(self, callback: Callable[[int, int, dict], None] | None = None,
+            export_path: str | Path | None = None) -> Path | None:
+        """Train to config.steps; returns the exported weight file (on rank 0), written to
+        export_path or <output>/<export_name>."""
         from .export import export
         from .validate import write_validation
 
@@ -174,7 +181,7 @@ class Trainer:
                 export(self, self.out / f"step-{self.step:08d}-{cfg.export_name}")
             if callback is not None:
                 callback(self.step, cfg.steps, values)
-        path = export(self) if self.dist.main else None
+        path = export(self, export_path) if self.dist.main else None
         self.metrics.close()
         return path
 

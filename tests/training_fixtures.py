@@ -1,0 +1,81 @@
+"""Fixtures of the training tests: a tiny dataset built from real photos, and configs.
+
+The dataset is built once per session with the real RetinaFace detector and a stand-in
+ArcFace (ONNX) recognizer, whose torch copy is the differentiable recognizer of L_id.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import COMFY_DIR, TEST_CHECKPOINT
+from standins_face import build_arcface_onnx
+
+RESOLUTION = 64  # 8x8 latents: small enough for CPU tests, large enough for 5-point face crops
+PEOPLE = {"obama": ["obama.jpg", "obama2.jpg", "obama3.jpg"], "biden": ["biden.jpg"],
+          "astronaut": ["astronaut.png"], "group": ["t1.jpg"]}
+CAPTIONS = {"obama/obama.txt": "a smiling gentleman in a suit", "obama/obama2.txt": "a photo of a man",
+            "biden/biden.json": '{"caption": "portrait of a happy guy"}'}
+
+
+def make_people(photos_dir: Path, root: Path) -> Path:
+    """Person folders with captions, a template-only person, a group photo and a corrupt file."""
+    for person, files in PEOPLE.items():
+        (root / person).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            shutil.copy(photos_dir / name, root / person / name)
+    for rel, text in CAPTIONS.items():
+        (root / rel).write_text(text)
+    (root / "astronaut" / "class.txt").write_text("woman")
+    (root / "obama" / "class.txt").write_text("man")  # obama3.jpg has no sidecar: template caption
+    (root / "obama" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated, not a real JPEG")
+    return root
+
+
+@pytest.fixture(scope="session")
+def recognizer_pack(tmp_path_factory) -> Path:
+    pack = tmp_path_factory.mktemp("insightface") / "standin"
+    build_arcface_onnx(pack / "w600k_r50.onnx")
+    return pack
+
+
+@pytest.fixture(scope="session")
+def train_encoder(recognizer_pack):
+    from portraitbooth_core.face import build_encoder
+
+    return build_encoder(recognizer_pack, detector="retinaface", recognizer="arcface", provider="cpu")
+
+
+@pytest.fixture(scope="session")
+def people_dir(tmp_path_factory, photos_dir) -> Path:
+    return make_people(photos_dir, tmp_path_factory.mktemp("people"))
+
+
+def build_settings(**overrides):
+    from training.build import BuildSettings
+    from training.face_crops import CropSettings
+
+    return BuildSettings(CropSettings(resolution=RESOLUTION), caption_template="a photo of a {word}",
+                         **overrides)
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory, people_dir, train_encoder) -> Path:
+    from training.build import DatasetBuilder
+
+    out = tmp_path_factory.mktemp("dataset")
+    DatasetBuilder(people_dir, out, train_encoder, build_settings(shard_size=2), progress=False).build()
+    return out
+
+
+def train_config(dataset: Path, output: Path, **overrides):
+    """A short CPU run on the stand-in SD1.5 checkpoint; DIP on every timestep so that
+    L_id shows up in a few steps."""
+    from training.config import load_config
+
+    base = {"checkpoint": str(COMFY_DIR / "models" / "checkpoints" / TEST_CHECKPOINT), "dataset": str(dataset),
+            "output": str(output), "steps": 2, "micro_batch": 2, "lr": 1e-3, "id_max_timestep": 999,
+            "save_every": 1000, "lora_rank": 4, "lora_alpha": 4.0}
+    return load_config(None, {**base, **overrides})
