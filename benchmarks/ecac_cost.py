@@ -73,14 +73,10 @@ def main() -> None:
     from benchmarks.harness import compare, header
     from portraitbooth_core.attention_control import ControlSettings
 
-    if str(REPO / "tests") not in sys.path:
-        sys.path.append(str(REPO / "tests"))
-    from conftest import load_pack  # the pack as ComfyUI imports it
-
-    load_pack()
     import importlib
 
-    ecac = importlib.import_module("portraitbooth_pack_under_test.nodes.ecac")
+    pack = host.import_node_pack()  # the pack as ComfyUI imports it
+    ecac = importlib.import_module(f"{pack.__name__}.nodes.ecac")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     latent = 64 if args.full else 32
     pairs = args.pairs or (3 if args.full and not _cuda() else 7)

@@ -45,3 +45,18 @@ def import_comfyui(cpu: bool = True) -> Path:
     if cpu and "comfy.model_management" not in sys.modules:
         comfy.cli_args.args.cpu = True
     return path
+
+
+def import_node_pack(name: str = "portraitbooth_pack_under_test"):
+    """Import this pack the way ComfyUI does: a package named after its folder, so that
+    the nodes' relative imports work. Call import_comfyui() first."""
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -103,6 +103,8 @@ class DIPTrainer(io.ComfyNode):
                 path = trainer.run(lambda step, total, _values: pbar.update_absolute(step, total), target)
             finally:
                 trainer.close()
+                del trainer
+                mm.soft_empty_cache()
         curve = torch.from_numpy(loss_curve(read_metrics(run_dir))).float().div(255)[None]
         return io.NodeOutput(curve, os.path.basename(str(path)))
 

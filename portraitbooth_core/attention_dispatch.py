@@ -134,6 +134,8 @@ class Attn2Dispatcher:
         active = [h for h in self.hooks if h.wants(call)] if call.cond_rows else []
         if not active:
             out = self._base(q, k, v, extra_options)
+        elif self.inner is None and all(hasattr(h, "logit_bias") for h in active):
+            out = self._biased(q, k, v, extra_options, call, active)
         else:
             out = self._hooked(q, k, v, extra_options, call, active)
         if self.callback:
@@ -142,6 +144,21 @@ class Attn2Dispatcher:
                 if kw.get("sigma_end", 0.0) <= sigma <= kw.get("sigma_start", NO_SIGMA):
                     out = out + cb(out, q, k, v, extra_options, **kw)
         return out.to(dtype)
+
+    def _biased(self, q, k, v, extra_options, call: LayerCall, active: list) -> torch.Tensor:
+        """Hooks that only re-weight tokens offer `logit_bias(call, tokens, device)`, an
+        (h*w, tokens) log-weight added to the logits (what their `process` does to the
+        probabilities). It rides on the fused kernel as an attention mask: no explicit
+        softmax, one call for all rows (zero bias on the uncond rows)."""
+        tokens = k.shape[1]
+        bias = sum(h.logit_bias(call, tokens, q.device) for h in active).to(q.dtype)
+        if len(call.cond_rows) == q.shape[0]:
+            mask = bias[None, None]
+        else:
+            mask = torch.zeros(q.shape[0], 1, q.shape[1], tokens, dtype=q.dtype, device=q.device)
+            mask[torch.as_tensor(call.cond_rows, device=q.device)] = bias
+        return self.attention_fn(q, k, v, extra_options["n_heads"], mask=mask,
+                                 attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
 
     def _hooked(self, q, k, v, extra_options, call: LayerCall, active: list) -> torch.Tensor:
         rows = call.cond_rows

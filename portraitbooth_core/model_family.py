@@ -12,8 +12,8 @@ from pathlib import Path
 UNET = "model.diffusion_model."
 
 
-def read_safetensors_header(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """(tensor name -> shape, metadata) from a .safetensors file's header."""
+def _raw_header(path: str | Path) -> tuple[int, dict]:
+    """(header length, parsed header JSON) of a .safetensors file; ValueError if it is none."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -25,6 +25,14 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, tuple[int, ...]
             header = json.loads(f.read(size))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path} is not a safetensors file or is corrupt: {exc}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file: its header is not a JSON object.")
+    return size, header
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(tensor name -> shape, metadata) from a .safetensors file's header."""
+    _, header = _raw_header(path)
     metadata = header.pop("__metadata__", {}) or {}
     return {k: tuple(v["shape"]) for k, v in header.items()}, metadata
 
@@ -58,16 +66,6 @@ def safetensors_expected_size(path: str | Path) -> int:
     Comparing it with the real size tells a truncated download from other corruption
     before any tensor is read.
     """
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file: it is shorter than 8 bytes.")
-        (size,) = struct.unpack("<Q", raw)
-        if size > 100_000_000:
-            raise ValueError(f"{path} is not a safetensors file: its header length ({size}) is implausible.")
-        try:
-            header = json.loads(f.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path} is not a safetensors file or is corrupt: {exc}") from None
+    size, header = _raw_header(path)
     ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
     return 8 + size + max(ends, default=0)

@@ -98,6 +98,14 @@ class RegionalAttention:
             self._cache[key] = weights
         return self._cache[key]
 
+    def logit_bias(self, call: LayerCall, tokens: int, device) -> torch.Tensor:
+        """log(token_weights): added to the logits it is `process` (0 -> -inf: the token is
+        gone). With this the dispatcher keeps the fused attention kernel (fast path)."""
+        key = ("bias", call.size, tokens, str(device), tuple(g.active(call.sigma) for g in self.groups))
+        if key not in self._cache:
+            self._cache[key] = self.token_weights(call, tokens, device).log()
+        return self._cache[key]
+
     def process(self, probs: torch.Tensor, call: LayerCall) -> torch.Tensor:
         weighted = probs * self.token_weights(call, probs.shape[-1], probs.device)
         # global tokens keep weight 1, so a row never sums to 0 (BOS alone holds most of it)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 EMPTY = 1e-3       # a mask whose largest value is below this selects nothing
+SPECK = 0.05       # after resizing: under 5% of any one latent pixel is a stray stroke, not a region
 ASPECT_TOL = 0.02  # relative aspect difference that still counts as "the same shape"
 
 
@@ -100,7 +101,7 @@ def fit_mask(mask: torch.Tensor, height: int, width: int, label: str = "mask") -
         mode = "area" if h >= height and w >= width else "bilinear"
         kwargs = {} if mode == "area" else {"align_corners": False}
         mask = F.interpolate(mask[None, None], size=(height, width), mode=mode, **kwargs)[0, 0].clamp(0, 1)
-    if float(mask.max()) < EMPTY:
+    if float(mask.max()) < SPECK:
         raise RegionError(f"{label} selects almost nothing once resized to the {width}x{height} latent "
                           f"(1 latent pixel = 8x8 image pixels): make the painted area larger.")
     return mask, note

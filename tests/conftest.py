@@ -60,14 +60,23 @@ def tiny_model():
     return tiny_model_patcher(seed=0)
 
 
-@pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory, sd15_checkpoint):
-    """One real ComfyUI with the pack for the whole session; stopped at the end."""
-    server = ComfyServer(tmp_path_factory.mktemp("comfy"), python=sys.executable)
+def started_server(workdir: Path, **kwargs) -> ComfyServer:
+    """A running ComfyUI with the pack, or a test failure showing the server log's tail.
+
+    The caller stops it (ComfyServer.stop ends its whole process group).
+    """
+    server = ComfyServer(workdir, python=sys.executable, **kwargs)
     try:
         server.start()
     except Exception as exc:
         pytest.fail(str(exc), pytrace=False)
+    return server
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory, sd15_checkpoint):
+    """One real ComfyUI with the pack for the whole session; stopped at the end."""
+    server = started_server(tmp_path_factory.mktemp("comfy"))
     yield server
     server.stop()
 
@@ -84,13 +93,8 @@ def start_server(tmp_path):
     started: list[ComfyServer] = []
 
     def start(**kwargs) -> ComfyServer:
-        server = ComfyServer(tmp_path / f"comfy{len(started)}", python=sys.executable, **kwargs)
-        started.append(server)
-        try:
-            server.start()
-        except Exception as exc:
-            pytest.fail(str(exc), pytrace=False)
-        return server
+        started.append(started_server(tmp_path / f"comfy{len(started)}", **kwargs))
+        return started[-1]
 
     yield start
     for server in started:
@@ -98,18 +102,8 @@ def start_server(tmp_path):
 
 
 def load_pack():
-    """Import the pack the way ComfyUI does (a package named after its folder path)."""
-    import importlib.util
-
-    name = "portraitbooth_pack_under_test"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The pack imported the way ComfyUI imports it (see comfy_host.host.import_node_pack)."""
+    return host.import_node_pack()
 
 
 @pytest.fixture(scope="session")

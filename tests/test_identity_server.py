@@ -7,16 +7,15 @@ the photos are real and found by the shipped RetinaFace.
 from __future__ import annotations
 
 import io
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from comfy_host.client import ComfyError
-from comfy_host.server import ComfyServer
 from comfy_host.standins import build_portraitbooth_file
 from comfy_host.workflows import load_api_workflow, with_inputs
+from conftest import started_server
 from face_fixtures import insightface_root  # noqa: F401  (fixture)
 
 PACK = "standin_r50"
@@ -27,13 +26,9 @@ WEIGHTS = "portraitbooth_standin.safetensors"
 def server(tmp_path_factory, insightface_root, sd15_checkpoint):  # noqa: F811
     weights = tmp_path_factory.mktemp("portraitbooth")
     build_portraitbooth_file(weights / WEIGHTS, face_kind=f"arcface:{PACK}/w600k_r50.onnx", face_dim=512)
-    server = ComfyServer(tmp_path_factory.mktemp("comfy-identity"), python=sys.executable,
-                         extra_model_paths={"insightface": str(insightface_root),
-                                            "portraitbooth": str(weights)})
-    try:
-        server.start()
-    except Exception as exc:
-        pytest.fail(str(exc), pytrace=False)
+    server = started_server(tmp_path_factory.mktemp("comfy-identity"),
+                            extra_model_paths={"insightface": str(insightface_root),
+                                               "portraitbooth": str(weights)})
     yield server
     server.stop()
 

@@ -59,7 +59,9 @@ def test_only_the_class_word_changes_and_pooled_stays(clip, apply):
     ref, out = text_encode(clip, text), apply(text, identity(1))
     assert changed_positions(ref[0][0], out[0][0]) == [position_of(clip, text)]
     assert torch.equal(ref[0][1]["pooled_output"], out[0][1]["pooled_output"])
-    assert set(out[0][1]) == set(ref[0][1])
+    # one key more: where the identity sits, for ECAC and the region sampler
+    assert set(out[0][1]) == set(ref[0][1]) | {"portraitbooth"}
+    assert out[0][1]["portraitbooth"] == {"class_positions": [position_of(clip, text)], "base": "sd15"}
 
 
 def test_different_faces_give_different_conditioning_same_face_the_same(clip, apply):

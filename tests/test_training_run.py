@@ -68,7 +68,7 @@ def test_text_only_and_unconditional_samples_add_no_identity_terms(trainer):
     batch = identity_batch(trainer)
     batch.modes = torch.tensor([TEXT_ONLY, UNCOND])
     terms = trainer.module(batch)
-    assert "id" not in terms and float(terms["loc"]) == 0.0 and float(terms["noise"]) > 0
+    assert "id" not in terms and float(terms["loc"].detach()) == 0.0 and float(terms["noise"].detach()) > 0
     # Late timesteps: DIP (t <= R_t = 250 in the paper's recipe) is off even for identity samples.
     late = identity_batch(trainer, timesteps=(600, 900))
     module_config = trainer.module.config
@@ -171,3 +171,45 @@ def test_total_loss_goes_down_and_everything_is_logged(sd15_checkpoint, dataset_
     for name, value in exported.projector.state_dict().items():
         torch.testing.assert_close(value, shadow[name])
     assert json.loads(json.dumps(exported.info.training))["ema_decay"] == 0.9
+
+
+def test_face_windows_cover_the_aligned_crop():
+    from portraitbooth_core.face.align import ARCFACE_TEMPLATE
+    from training.losses import face_windows
+
+    # A 112 px aligned face drawn at 2x in a 512 px image (64x64 latent) at (100, 60).
+    lm = torch.tensor(ARCFACE_TEMPLATE * 2 + [100, 60], dtype=torch.float32)
+    (y0, y1, x0, x1), = face_windows(lm[None], (64, 64), 8, margin=2)
+    assert (y0, x0) == (60 // 8 - 2, 100 // 8 - 2) and (y1, x1) == (ceil8(60 + 224) + 2, ceil8(100 + 224) + 2)
+    # Two faces: one window size for both (one batched decode), each kept inside the latent.
+    near_edge = lm + torch.tensor([300.0, 250.0])
+    windows = face_windows(torch.stack([lm, near_edge]), (64, 64), 8, margin=2)
+    assert len({(b - a, d - c) for a, b, c, d in windows}) == 1 and all(b <= 64 and d <= 64 for a, b, c, d in windows)
+
+
+def ceil8(value: float) -> int:
+    return -(-int(value) // 8)
+
+
+def test_dip_on_the_face_window_agrees_with_a_full_decode(sd15_checkpoint, people_dir, train_encoder, tmp_path):
+    from training.build import BuildSettings, DatasetBuilder
+    from training.face_crops import CropSettings
+    from training.losses import face_windows
+    from training.trainer import Trainer
+
+    settings = BuildSettings(CropSettings(resolution=128, crop_scale=4.0), caption_template="a photo of a {word}")
+    DatasetBuilder(people_dir, tmp_path / "data", train_encoder, settings, progress=False).build()
+    t = Trainer(train_config(tmp_path / "data", tmp_path / "run"))
+    try:
+        batch = identity_batch(t, positions=range(5), timesteps=(10, 60, 110, 160, 210))
+        alone = [face_windows(lm[None], t.latent_hw, 8, margin=2)[0] for lm in batch.landmarks]
+        areas = sorted((b - a) * (d - c) for a, b, c, d in alone)
+        assert areas[len(areas) // 2] <= 0.5 * 16 * 16  # a typical face needs well under half the decode
+        losses = {}
+        for region in ("full", "face"):
+            t.module.config = dataclasses.replace(t.config, dip_region=region)
+            with torch.no_grad():
+                losses[region] = float(t.module(batch)["id"])
+    finally:
+        t.close()
+    assert abs(losses["face"] - losses["full"]) < 0.05 * losses["full"], losses

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -30,14 +29,18 @@ def _build(args) -> int:
     return 0 if report["samples"] else 1
 
 
-def _config(args):
-    from .config import load_config
-
+def _config_overrides(args) -> list[str]:
     overrides = list(args.set or [])
     for name in ("checkpoint", "dataset", "output"):
         if getattr(args, name, None):
             overrides.append(f"{name}={json.dumps(getattr(args, name))}")
-    return load_config(args.config, overrides)
+    return overrides
+
+
+def _config(args):
+    from .config import load_config
+
+    return load_config(args.config, _config_overrides(args))
 
 
 def _train(args) -> int:
@@ -58,10 +61,16 @@ def _train(args) -> int:
 
 
 def _export(args) -> int:
+    from .checkpoint import load_latest
+    from .config import apply_overrides
     from .export import export
     from .trainer import Trainer
 
-    trainer = Trainer(_config(args))
+    config = _config(args)
+    found = load_latest(Path(config.output) / "checkpoints")
+    if found is not None:  # the run's own settings (mode, EMA, ...), then what the command line says
+        config = apply_overrides(apply_overrides(config, found[1]["config"]), _config_overrides(args)).validate()
+    trainer = Trainer(config)
     if trainer.resumed_from is None:
         print(f"no checkpoint under {Path(trainer.config.output) / 'checkpoints'}", file=sys.stderr)
         return 1

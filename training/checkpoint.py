@@ -78,17 +78,22 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
-    """The newest checkpoint that loads; a damaged newest one is reported and passed over."""
+def load_latest(folder: str | os.PathLike) -> tuple[Path, dict] | None:
+    """(path, state) of the newest checkpoint that loads; a damaged newer one (a crash
+    that somehow left a complete-looking name) is reported and passed over."""
     import logging
 
     for path in reversed(list_checkpoints(folder)):
         try:
-            torch.load(path, map_location="cpu", weights_only=True)
-            return path
+            return path, load_checkpoint(path)
         except Exception as exc:  # noqa: BLE001 - any unreadable file means "not complete"
             logging.getLogger("portraitbooth.training").warning("skipping unreadable checkpoint %s: %s", path, exc)
     return None
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    found = load_latest(folder)
+    return found[0] if found else None
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -50,6 +50,8 @@ class TrainConfig:
     loc_weight: float = 1.0
     id_weight: float = 1.0
     id_max_timestep: int = 250    # R_t: DIP's identity loss only for t <= R_t
+    dip_region: str = "face"      # VAE-decode only the face's latent window ("full": the whole image)
+    dip_margin: int = 2           # latent cells of decoder context around that window
     loc_layers: str = "mid"       # cross-attention layers of L_loc: "mid" (16x16 at 512 px) or "all"
     ecac_beta: float = 0.8
     ecac_gamma: float = 0.1
@@ -77,6 +79,8 @@ class TrainConfig:
             problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.dip_region not in ("face", "full"):
+            problems.append(f"dip_region must be 'face' or 'full', got {self.dip_region!r}")
         if self.p_text_only + self.p_uncond > 1:
             problems.append("p_text_only + p_uncond must not exceed 1")
         for name in ("steps", "micro_batch", "grad_accum", "save_every", "keep_last", "log_every"):

@@ -16,7 +16,7 @@ def loss_curve(records: list[dict], width: int = 640, height: int = 320) -> np.n
     pad, top = 10, 18
     if not records:
         draw.text((pad, pad), "no training steps logged yet", fill=(200, 200, 200))
-        return np.asarray(img)
+        return np.array(img)
     steps = [r["step"] for r in records]
     s0, s1 = min(steps), max(max(steps), min(steps) + 1)
     legend_x = pad
@@ -37,4 +37,4 @@ def loss_curve(records: list[dict], width: int = 640, height: int = 320) -> np.n
         draw.text((legend_x, 4), label, fill=color)
         legend_x += 8 * len(label) + 12
     draw.text((width - 120, height - 14), f"steps {s0}-{max(steps)}", fill=(160, 160, 160))
-    return np.asarray(img)
+    return np.array(img)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import time
 import warnings
 from pathlib import Path
@@ -17,7 +18,7 @@ from portraitbooth_core.optional import require
 from portraitbooth_core.stea import ProjectorConfig, STEAProjector
 
 from . import distributed as D
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import BatchLoader, micro_positions
 from .ema import EMA
@@ -89,7 +90,8 @@ class Trainer:
         return {"step": self.step, "params": {n: p.detach().cpu() for n, p in self.params.items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else {}, "rng": rng,
-                "skipped_steps": list(self.skipped_steps), "config": self.config.to_dict()}
+                "skipped_steps": list(self.skipped_steps), "config": self.config.to_dict(),
+                "global_batch": self.global_batch, "world_size": self.dist.world}
 
     def save(self) -> Path | None:
         rng = D.gather_objects(rng_state(), self.dist)  # collective: every rank calls it
@@ -100,10 +102,15 @@ class Trainer:
         return path
 
     def resume(self) -> Path | None:
-        path = latest_checkpoint(self.out / "checkpoints")
-        if path is None:
+        found = load_latest(self.out / "checkpoints")
+        if found is None:
             return None
-        state = load_checkpoint(path)
+        path, state = found
+        if state.get("global_batch", self.global_batch) != self.global_batch:
+            # Data positions are step * global batch: another batch size resumes fine but
+            # not exactly (samples are seen in another grouping).
+            log.warning("resuming %s with global batch %d (the run used %d): not an exact resume",
+                        path, self.global_batch, state["global_batch"])
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(state["params"][n].to(p.device))
@@ -150,7 +157,7 @@ class Trainer:
         with warnings.catch_warnings():
             # A skipped step still advances the schedule (it consumed its data); torch warns
             # when that happens before the first optimizer step.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
         self.step += 1
         return sums
