@@ -19,7 +19,7 @@ from comfy_api.latest import io
 from portraitbooth_core.attention import AttentionCapture, AttentionStore
 from portraitbooth_core.attention_control import ControlSettings, ExpressionControl
 from portraitbooth_core.attention_preview import overlay_maps
-from portraitbooth_core.class_tokens import parse_words
+from portraitbooth_core.class_tokens import parse_words, tokenizer_words
 from portraitbooth_core.emotions import find_expression_tokens, find_word_tokens
 from portraitbooth_core.unet_layers import cross_attention_layers, install_on_layers, select_layers
 
@@ -39,21 +39,10 @@ def comfy_attention(q, k, v, heads, **kwargs):
 
 def prompt_positions(clip, text: str, identity_words: Sequence[str]) -> tuple[list, list]:
     """(identity matches, expression matches) of `text` under this CLIP's tokenizer."""
-    special = {int(t[0]) for t in clip.tokenize("")[CLIP_KEY][0]}
-    pieces: dict[int, str] = {}
-
-    def ids_of(word: str) -> list[int]:
-        return [int(t[0]) for chunk in clip.tokenize(word, disable_weights=True)[CLIP_KEY]
-                for t in chunk if int(t[0]) not in special]
-
-    def ends_word(token: int) -> bool:
-        if token not in pieces:
-            pieces[token] = clip.tokenizer.untokenize([(token, 1.0)])[0][1]
-        return pieces[token].endswith("</w>")
-
+    words = tokenizer_words(clip.tokenizer, CLIP_KEY)
     chunks = clip.tokenize(text)[CLIP_KEY]
-    return (find_word_tokens(chunks, identity_words, ids_of, ends_word, special),
-            find_expression_tokens(chunks, ids_of, ends_word, special))
+    return (find_word_tokens(chunks, identity_words, words.ids_of, words.ends_word, words.special),
+            find_expression_tokens(chunks, words.ids_of, words.ends_word, words.special))
 
 
 def stea_class_positions(conditioning) -> list[int] | None:

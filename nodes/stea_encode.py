@@ -7,12 +7,12 @@ so every token but the class words is bit-identical to CLIPTextEncode's output.
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import Sequence
 
 import torch
 
-from portraitbooth_core.class_tokens import ClassWordMatcher, ClassWordError, parse_words, select_subjects
+from portraitbooth_core.class_tokens import (ClassWordError, ClassWordMatcher, parse_words, select_subjects,
+                                             tokenizer_words)
 from portraitbooth_core.face.types import Identity
 from portraitbooth_core.stea import splice_identity
 from portraitbooth_core.weightfile import PortraitBoothModel
@@ -22,37 +22,10 @@ log = logging.getLogger("portraitbooth")
 CLIP_KEY = "l"  # SD1.5 has one text encoder, CLIP-L, under tokenizer key "l"
 
 
-_matchers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def clip_matcher(clip, words: Sequence[str]) -> ClassWordMatcher:
-    """A class-word matcher that uses this CLIP's own tokenizer and vocabulary.
-
-    Cached per tokenizer (CLIP clones share theirs): building it tokenizes every class
-    word, which was a measurable part of the node's cost on a GPU.
-    """
-    per_tokenizer = _matchers.setdefault(clip.tokenizer, {})
-    if tuple(words) not in per_tokenizer:
-        per_tokenizer[tuple(words)] = _build_matcher(clip, words)
-    return per_tokenizer[tuple(words)]
-
-
-def _build_matcher(clip, words: Sequence[str]) -> ClassWordMatcher:
-    special = {int(t[0]) for t in clip.tokenize("")[CLIP_KEY][0]}  # start, end, pad
-    pieces: dict[int, str] = {}
-    # The cached matcher must not keep the CLIP (or strongly its tokenizer, the cache key) alive.
-    tokenizer = weakref.ref(clip.tokenizer)
-
-    def ends_word(token: int) -> bool:
-        if token not in pieces:
-            pieces[token] = tokenizer().untokenize([(token, 1.0)])[0][1]
-        return pieces[token].endswith("</w>")
-
-    def tokenize_word(word: str) -> list[int]:
-        return [int(t[0]) for chunk in clip.tokenize(word, disable_weights=True)[CLIP_KEY]
-                for t in chunk if int(t[0]) not in special]
-
-    return ClassWordMatcher(words, tokenize_word, ends_word, special)
+    """A class-word matcher that uses this CLIP's own tokenizer and vocabulary (cached:
+    building one tokenizes every class word, a measurable cost on a GPU)."""
+    return tokenizer_words(clip.tokenizer, CLIP_KEY).matcher(words)
 
 
 def as_identities(*faces) -> list[Identity]:

@@ -13,6 +13,7 @@ is causal, so that position is the only one that has seen the whole word.
 from __future__ import annotations
 
 import numbers
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -123,3 +124,56 @@ def select_subjects(hits: Sequence[ClassHit], subjects: int, accepted: Sequence[
             f"from occurrence {max(occurrence, 1)} on ({found}). Write one class word per subject, "
             f"e.g. 'a man and a woman', faces are mapped in prompt order.")
     return chosen
+
+
+class TokenizerWords:
+    """Word lookups on a ComfyUI-style SD1.5 tokenizer, shared by nodes and training.
+
+    Duck-typed so the core needs no ComfyUI: `tokenizer.tokenize_with_weights(text,
+    disable_weights=...)` returns {key: chunks} and `tokenizer.untokenize([(id, w)])`
+    returns [((id, w), piece)]. Only a weak reference is kept, so a cache of these
+    never keeps a CLIP's tokenizer alive; the caller holds the tokenizer.
+    """
+
+    def __init__(self, tokenizer, key: str = "l"):
+        self._tokenizer = weakref.ref(tokenizer)
+        self.key = key
+        self.special = frozenset(int(t[0]) for t in self.tokenize("")[0])  # start, end, pad
+        self._pieces: dict[int, str] = {}
+        self._matchers: dict[tuple[str, ...], ClassWordMatcher] = {}
+
+    @property
+    def tokenizer(self):
+        tokenizer = self._tokenizer()
+        if tokenizer is None:
+            raise RuntimeError("the tokenizer behind this word lookup no longer exists")
+        return tokenizer
+
+    def tokenize(self, text: str, **kwargs) -> list[list[tuple]]:
+        return self.tokenizer.tokenize_with_weights(text, **kwargs)[self.key]
+
+    def ids_of(self, word: str) -> list[int]:
+        return [int(t[0]) for chunk in self.tokenize(word, disable_weights=True) for t in chunk
+                if int(t[0]) not in self.special]
+
+    def ends_word(self, token: int) -> bool:
+        if token not in self._pieces:
+            self._pieces[token] = self.tokenizer.untokenize([(token, 1.0)])[0][1]
+        return self._pieces[token].endswith("</w>")
+
+    def matcher(self, words: Sequence[str]) -> ClassWordMatcher:
+        """A cached matcher for `words`: building one tokenizes every word."""
+        key = tuple(words)
+        if key not in self._matchers:
+            self._matchers[key] = ClassWordMatcher(words, self.ids_of, self.ends_word, self.special)
+        return self._matchers[key]
+
+
+_words_of: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def tokenizer_words(tokenizer, key: str = "l") -> TokenizerWords:
+    """The (cached) TokenizerWords of a tokenizer; CLIP clones share their tokenizer."""
+    if tokenizer not in _words_of:
+        _words_of[tokenizer] = TokenizerWords(tokenizer, key)
+    return _words_of[tokenizer]

@@ -9,14 +9,14 @@ import json
 from dataclasses import dataclass, field
 
 from .class_tokens import DEFAULT_CLASS_WORDS
+from .emotions import EMOTIONS
 from .stea import ProjectorConfig
 
 FORMAT_VERSION = 1
 METADATA_KEY = "portraitbooth"
 PROJECTOR_PREFIX = "stea."
-# The 11 expression words of ECAC (PortraitBooth §3.3).
-DEFAULT_EMOTION_WORDS = ("happy", "sad", "angry", "surprised", "scared", "disgusted",
-                         "smiling", "laughing", "crying", "serious", "neutral")
+# The 11 ECAC emotion categories, from the one table nodes and training share.
+DEFAULT_EMOTION_WORDS = tuple(EMOTIONS)
 
 
 class WeightFileError(ValueError):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from portraitbooth_core.class_tokens import TokenizerWords
 from portraitbooth_core.emotions import find_expression_tokens, find_word_tokens
 
 CLIP_KEY = "l"
@@ -57,7 +58,7 @@ def normalize_class_word(caption: str, synonyms: Mapping[str, Sequence[str]] = D
     return caption[:found.start()] + word + caption[found.end():], word
 
 
-class TokenFinder:
+class TokenFinder(TokenizerWords):
     """Identity/expression positions of a caption under a ComfyUI SD1.5 tokenizer."""
 
     def __init__(self, tokenizer=None):
@@ -65,21 +66,8 @@ class TokenFinder:
             import comfy.sd1_clip
 
             tokenizer = comfy.sd1_clip.SD1Tokenizer()
-        self.tokenizer = tokenizer
-        self.special = {int(t[0]) for t in self.tokenize("")[0]}
-        self._pieces: dict[int, str] = {}
-
-    def tokenize(self, text: str, **kwargs) -> list[list[tuple]]:
-        return self.tokenizer.tokenize_with_weights(text, **kwargs)[CLIP_KEY]
-
-    def ids_of(self, word: str) -> list[int]:
-        return [int(t[0]) for chunk in self.tokenize(word, disable_weights=True) for t in chunk
-                if int(t[0]) not in self.special]
-
-    def ends_word(self, token: int) -> bool:
-        if token not in self._pieces:
-            self._pieces[token] = self.tokenizer.untokenize([(token, 1.0)])[0][1]
-        return self._pieces[token].endswith("</w>")
+        self._own_tokenizer = tokenizer  # TokenizerWords keeps only a weak reference
+        super().__init__(tokenizer, CLIP_KEY)
 
     def positions(self, caption: str, identity_word: str) -> tuple[list[int], list[str], list[int]]:
         """(identity positions, expression words, expression positions) in the first chunk."""
