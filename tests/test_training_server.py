@@ -1,0 +1,32 @@
+"""DIP Trainer inside a real ComfyUI: a graph submitted over HTTP trains and saves a model."""
+from __future__ import annotations
+
+import os
+import shutil
+
+from conftest import COMFY_DIR, TEST_CHECKPOINT
+from training_fixtures import *  # noqa: F401,F403
+
+
+def test_dip_trainer_graph_trains_and_writes_a_loadable_model(start_server, dataset_dir, sd15_checkpoint):
+    from portraitbooth_core.weightfile import load_portraitbooth
+
+    server = start_server()
+    shutil.copytree(dataset_dir, server.input_dir / "faces")  # datasets must sit under ComfyUI's folders
+    name = f"server_test_{os.getpid()}"
+    target = COMFY_DIR / "models" / "portraitbooth" / f"{name}.safetensors"
+    graph = {
+        "1": {"class_type": "PortraitBoothDIPTrainer", "inputs": {
+            "ckpt_name": TEST_CHECKPOINT, "dataset": "faces", "run_name": name, "output_name": name,
+            "mode": "lora", "steps": 2, "batch_size": 2, "grad_accum": 1, "learning_rate": 1e-3,
+            "lora_rank": 4, "save_every": 1, "seed": 0, "gradient_checkpointing": True,
+            "extra_settings": "id_max_timestep=999"}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    }
+    try:
+        result = server.client.run(graph, timeout=600)
+        assert len(result.images("2")) == 1  # the loss curve
+        model = load_portraitbooth(target)
+        assert model.info.training["steps"] == 2
+    finally:
+        target.unlink(missing_ok=True)
