@@ -70,7 +70,7 @@ fi
 link="$comfy/custom_nodes/PortraitBooth"
 linked=""
 for d in "$comfy"/custom_nodes/*/; do
-  [ "$(cd "$d" && pwd -P)" = "$(cd "$repo" && pwd -P)" ] && linked=$d
+  [ -d "$d" ] && [ "$(cd "$d" && pwd -P)" = "$(cd "$repo" && pwd -P)" ] && linked=$d
 done
 if [ -z "$linked" ]; then
   if [ -e "$link" ] && [ ! -L "$link" ]; then
