@@ -39,19 +39,12 @@ class BuildSettings:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _png(array: np.ndarray) -> bytes:
+def encode_image(array: np.ndarray, fmt: str = "PNG", **options) -> bytes:
+    """An image file's bytes for a shard member (PNG for masks and faces, JPEG for targets)."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _jpg(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", quality=95)
+    Image.fromarray(array).save(buf, format=fmt, **options)
     return buf.getvalue()
 
 
@@ -125,7 +118,8 @@ class DatasetBuilder:
                     "identity_word": info.identity_word, "identity_positions": info.identity_positions,
                     "expression_words": info.expression_words, "expression_positions": info.expression_positions,
                     "box": crop.box.tolist(), "landmarks": crop.landmarks.tolist()}
-            samples.append({"jpg": _jpg(crop.image), "mask.png": _png(crop.mask), "ref.png": _png(ref.aligned),
+            samples.append({"jpg": encode_image(crop.image, "JPEG", quality=95),
+                            "mask.png": encode_image(crop.mask), "ref.png": encode_image(ref.aligned),
                             "emb.npy": _npy(ref.embedding), "json": json.dumps(meta).encode()})
         return samples
 

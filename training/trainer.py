@@ -23,7 +23,7 @@ from .config import TrainConfig
 from .data import BatchLoader, micro_positions
 from .ema import EMA
 from .metrics import MetricsLog
-from .models import load_models, trainable_unet_parameters
+from .models import Models, load_models, trainable_unet_parameters
 from .shards import ShardReader
 from .step import TrainModule
 
@@ -31,7 +31,10 @@ log = logging.getLogger("portraitbooth.training")
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, dist: D.Dist | None = None, resume: bool = True):
+    def __init__(self, config: TrainConfig, dist: D.Dist | None = None, resume: bool = True,
+                 models: Models | None = None):
+        """models: already loaded models to train instead of loading config.checkpoint
+        (the evidence run trains a UNet smaller than any SD1.5 checkpoint holds)."""
         self.config = config.validate()
         self.dist = dist or D.setup()
         self.out = Path(config.output)
@@ -39,7 +42,7 @@ class Trainer:
         self.loader = BatchLoader(self.reader, config)
         self.resolution = int(self.reader.index["resolution"])
         torch.manual_seed(config.seed)  # same LoRA/projector init on every rank
-        self.models = load_models(config, self.dist.device)
+        self.models = models if models is not None else load_models(config, self.dist.device)
         face = self.reader.index["face_encoder"]
         self.projector = STEAProjector(ProjectorConfig(face_dim=int(face["dim"]),
                                                        hidden_dim=config.projector_hidden)).to(self.dist.device)

@@ -1,7 +1,7 @@
 """The synthetic identity world of the evidence run: procedurally drawn "faces" whose
 identity is a known colour layout, and the stand-in models that see them.
 
-- An identity is a 4x4 grid of colours (its "face code") plus a class word. A rendering
+- An identity is a 2x2 grid of colours (its "face code") plus a class word. A rendering
   draws that code inside an elliptic face at a jittered place and size on a random
   smooth background, with a mouth mark that depends on the expression word. The face
   mask, the five landmarks and the caption are known exactly (no detector involved).
@@ -26,7 +26,9 @@ from portraitbooth_core.face.align import ARCFACE_TEMPLATE
 
 EXPRESSIONS = {"happy": (1.0, 1.0, 0.9), "sad": (0.1, 0.1, 0.5), "angry": (0.9, 0.1, 0.1),
                "surprised": (0.05, 0.05, 0.05)}  # expression word -> mouth colour
-GRID = 4
+GRID = 2           # identity code: GRID x GRID colour cells
+READOUT = 4        # the recognizer reads the face as READOUT x READOUT mean colours
+LATENT_GAIN = 2.0  # model-space latent = LATENT_GAIN * (2 * colour - 1)
 EMBED_DIM = 512
 
 
@@ -45,16 +47,22 @@ class Rendering:
     expression: str
 
 
-def make_identities(count: int, seed: int, min_distance: float = 0.45) -> list[Identity]:
-    """`count` codes whose centred colour layouts are pairwise far apart (rejection
-    sampling), so that the recognizer tells every pair apart by a clear margin."""
+def make_identities(count: int, seed: int, min_distance: float = 0.25) -> list[Identity]:
+    """`count` codes whose colour layouts are pairwise far apart (rejection sampling;
+    min_distance is an RMS colour difference), so that the recognizer tells every pair
+    apart by a clear margin. A code is a base colour (like a skin tone: what a small
+    model picks up first) plus smaller per-cell offsets (the layout)."""
     rng = np.random.default_rng(seed)
     codes: list[np.ndarray] = []
-    while len(codes) < count:
-        code = rng.uniform(0.05, 0.95, (GRID, GRID, 3))
+    for _ in range(1000 * count):
+        if len(codes) == count:
+            break
+        code = np.clip(rng.uniform(0.15, 0.85, (1, 1, 3)) + rng.uniform(-0.15, 0.15, (GRID, GRID, 3)), 0, 1)
         vec = (code - 0.5).ravel()
         if all(np.linalg.norm(vec - (c - 0.5).ravel()) / np.sqrt(vec.size) > min_distance for c in codes):
             codes.append(code)
+    if len(codes) < count:
+        raise ValueError(f"cannot draw {count} identities {min_distance} apart; lower min_distance")
     return [Identity(code, ("man", "woman")[i % 2]) for i, code in enumerate(codes)]
 
 
@@ -97,10 +105,10 @@ def build_recognizer_onnx(path, seed: int = 0):
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
-    size, cell = 112, 112 // GRID
+    size, cell = 112, 112 // READOUT
     yy, xx = np.mgrid[:size, :size] + 0.5
     ellipse = (((xx / size - 0.5) / 0.42) ** 2 + ((yy / size - 0.5) / 0.5) ** 2 <= 1).astype(np.float32)
-    weight = rng.normal(0, 1 / np.sqrt(3 * GRID * GRID), (EMBED_DIM, 3 * GRID * GRID)).astype(np.float32)
+    weight = rng.normal(0, 1 / np.sqrt(3 * READOUT ** 2), (EMBED_DIM, 3 * READOUT ** 2)).astype(np.float32)
     inits = [numpy_helper.from_array(ellipse[None, None], "face_ellipse"),
              numpy_helper.from_array(weight, "readout"),
              numpy_helper.from_array(np.zeros(EMBED_DIM, np.float32), "readout_bias")]
@@ -150,8 +158,10 @@ def pooling_taesd_state_dict() -> dict[str, torch.Tensor]:
     centre(f"{dec}.19.weight", [(c, c) for c in range(3)], 0.5)          # colour = (latent + 1) / 2
     sd[f"{dec}.19.bias"][:] = -1.0
     # TAESD.encode divides by vae_scale and SD1.5's latent format then multiplies by
-    # 0.18215: with vae_scale = 0.18215 the model sees the latent above unscaled.
-    sd["vae_scale"] = torch.tensor(0.18215)
+    # 0.18215, decode multiplies by it again before the Clamp: vae_scale = 0.18215 / 2
+    # gives the UNet latents of 2 * (2 * colour - 1) (std ~0.5, near SD's) while the
+    # decoder's Clamp still sees 2 * colour - 1, where it is near-linear.
+    sd["vae_scale"] = torch.tensor(0.18215 / LATENT_GAIN)
     sd["vae_shift"] = torch.tensor(0.0)
     return sd
 
