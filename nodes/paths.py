@@ -22,8 +22,9 @@ def allowed_roots() -> list[Path]:
     import folder_paths
 
     roots = [folder_paths.get_input_directory(), folder_paths.get_output_directory(), folder_paths.models_dir]
-    for paths, _exts in folder_paths.folder_names_and_paths.values():
-        roots.extend(paths)
+    for kind, (paths, _exts) in folder_paths.folder_names_and_paths.items():
+        if kind != "custom_nodes":  # code, not models: a workflow must not point there
+            roots.extend(paths)
     return [Path(r).resolve() for r in dict.fromkeys(roots)]
 
 

@@ -41,7 +41,10 @@ def test_paths_outside_comfyui_folders_are_refused_unless_allowed(pack_modules, 
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (input_dir / "link").symlink_to(outside)
-    for bad in ("/etc", "../elsewhere", "data/../../elsewhere", "link", str(outside)):
+    import folder_paths
+
+    custom_nodes = folder_paths.get_folder_paths("custom_nodes")[0]
+    for bad in ("/etc", "../elsewhere", "data/../../elsewhere", "link", str(outside), custom_nodes):
         with pytest.raises(paths.PathNotAllowedError, match="PORTRAITBOOTH_ALLOW_ANY_PATH=1"):
             paths.checked_path(bad, "dataset")
     monkeypatch.setenv("PORTRAITBOOTH_ALLOW_ANY_PATH", "1")
