@@ -43,6 +43,10 @@ def test_ecac_places_attention_and_fails_without_it(evidence):
 
     assert report.ecac_check(evidence["full"]).passed, report.ecac_check(evidence["full"])
     assert not report.ecac_check(evidence["no_ecac"]).passed, report.ecac_check(evidence["no_ecac"])
+    # ...and at least one layer sits at L_loc's floors: identity ~beta and expression ~gamma
+    # in the face, identity ~0 outside.
+    assert report.ecac_floors_check(evidence["full"]).passed, report.ecac_floors_check(evidence["full"])
+    assert not report.ecac_floors_check(evidence["no_ecac"]).passed, report.ecac_floors_check(evidence["no_ecac"])
 
 
 def test_dip_raises_identity_over_the_run_without_it(evidence):
@@ -123,9 +127,12 @@ def test_report_shows_each_row_as_mean_and_range_over_seeds():
 
     def metrics(margin, conc):
         return {"stea": {"margin": margin}, "ecac": {"identity_concentration": conc, "expression_mean_in_mask": 0.05,
-                                                     "gamma": 0.1},
+                                                     "gamma": 0.1, "beta": 0.8, "layers": 1,
+                                                     "per_layer": {"output.0.0": {"identity_core": 0.79,
+                                                                                  "expression_core": 0.12,
+                                                                                  "identity_outside": 0.0}}},
                 "dip": {"similarity": 0.9, "clean_similarity": 0.93}}
 
     table = report.markdown({0: {"full": metrics(0.10, 2.0)}, 1: {"full": metrics(0.20, 3.0)}})
-    assert "| full | +15.0 [+10.0, +20.0] % | 2.50 [2.00, 3.00]x |" in table
+    assert "| full | +15.0 [+10.0, +20.0] % | 2.50 [2.00, 3.00]x | 0.050 [0.050, 0.050] (0.1) | 1.0 [1.0, 1.0] of 1 |" in table
     assert "w/o" not in table  # only the runs given

@@ -52,9 +52,12 @@ def stea_effect(trainer, batch, shuffled: torch.Tensor) -> dict:
 @torch.no_grad()
 def ecac_effect(trainer, batch) -> dict:
     """On the layers L_loc trains: the identity token's share of its attention mass that
-    falls inside the face mask (vs the mask's share of the image), and the expression
-    token's mean attention probability inside the mask (vs gamma)."""
-    module, models = trainer.module, trainer.models
+    falls inside the face mask (vs the mask's share of the image), the expression token's
+    mean attention probability inside the mask (vs gamma), and per layer both tokens'
+    mean probability in the face core (cells wholly inside the mask at that layer's
+    resolution; at 8x8 half the face's cells are border cells, part background), where
+    L_loc asks for at least beta and gamma."""
+    module, models, cfg = trainer.module, trainer.models, trainer.config
     capture = AttentionCapture({"identity": batch.identity_positions, "expression": batch.expression_positions},
                                differentiable=True)  # keeps every layer's maps (no store needed)
     attn2: dict = {}
@@ -62,17 +65,20 @@ def ecac_effect(trainer, batch) -> dict:
     _, x, sigma = _noisy(trainer, batch)
     models.base.apply_model(x, sigma, c_crossattn=module.conditioning(batch),
                             transformer_options={"patches_replace": {"attn2": attn2}})
-    id_share, expr_inside, mask_share = [], [], []
-    for _name, maps in capture.pop_layers():
+    id_share, expr_inside, mask_share, per_layer = [], [], [], {}
+    for name, maps in capture.pop_layers():
         m = resize_mask(batch.masks.to(maps.device), tuple(maps.shape[-2:]))
         a_i, a_j = maps[:, 0], maps[:, 1]
         id_share.append(((a_i * m).flatten(1).sum(1) / a_i.flatten(1).sum(1).clamp_min(1e-12)).mean())
         expr_inside.append(((a_j * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1e-12)).mean())
         mask_share.append(m.flatten(1).mean(1).mean())
+        core, outside = (m >= 0.99).float(), (m <= 0.01).float()
+        per_layer[name] = {k: float((a * w).sum() / w.sum().clamp_min(1)) for k, a, w in (
+            ("identity_core", a_i, core), ("expression_core", a_j, core), ("identity_outside", a_i, outside))}
     share, mask = float(torch.stack(id_share).mean()), float(torch.stack(mask_share).mean())
     return {"identity_share_in_mask": share, "mask_share": mask, "identity_concentration": share / mask,
             "expression_mean_in_mask": float(torch.stack(expr_inside).mean()),
-            "gamma": trainer.config.ecac_gamma, "layers": len(id_share)}
+            "gamma": cfg.ecac_gamma, "beta": cfg.ecac_beta, "layers": len(id_share), "per_layer": per_layer}
 
 
 @torch.no_grad()

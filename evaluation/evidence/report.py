@@ -18,6 +18,11 @@ STEA_MIN_MARGIN = 0.02
 # ECAC: the identity token's attention mass inside the face at least this many times
 # the mask's share of the image (1.0 = spread evenly over the image).
 ECAC_MIN_CONCENTRATION = 1.5
+# ECAC floors: L_loc's truncated terms stop pulling at beta (identity) and gamma
+# (expression), so a trained layer sits at the floor from below; "at the floor" is
+# within this factor of it, in the face core, with the identity token near 0 outside.
+FLOOR_FACTOR = 0.9
+OUTSIDE_MAX = 0.05
 # DIP: recognizer cosine of decoded one-step estimates (t <= 250) at least this much
 # above the same run trained without L_id.
 DIP_MIN_GAIN = 0.005
@@ -36,7 +41,7 @@ class Check:
 
 def stea_check(metrics: dict) -> Check:
     margin = metrics["stea"]["margin"]
-    return Check("STEA carries identity (loss margin, shuffled vs true embedding)", margin >= STEA_MIN_MARGIN,
+    return Check("STEA carries identity (loss margin, other identity's vs own embedding)", margin >= STEA_MIN_MARGIN,
                  margin, f">= {STEA_MIN_MARGIN}")
 
 
@@ -44,6 +49,21 @@ def ecac_check(metrics: dict) -> Check:
     value = metrics["ecac"]["identity_concentration"]
     return Check("ECAC places attention (identity mass in face / face share)", value >= ECAC_MIN_CONCENTRATION,
                  value, f">= {ECAC_MIN_CONCENTRATION}")
+
+
+def layers_at_floors(ecac: dict) -> int:
+    """Layers where, in the face core, the identity token holds ~beta and the expression
+    token ~gamma of the attention, and the identity token is ~absent outside the face."""
+    return sum(v["identity_core"] >= FLOOR_FACTOR * ecac["beta"] and v["expression_core"] >= FLOOR_FACTOR * ecac["gamma"]
+               and v["identity_outside"] <= OUTSIDE_MAX for v in ecac["per_layer"].values())
+
+
+def ecac_floors_check(metrics: dict) -> Check:
+    e = metrics["ecac"]
+    value = layers_at_floors(e)
+    return Check(f"ECAC reaches its floors (of {e['layers']} layers: identity >= {FLOOR_FACTOR} * {e['beta']}, "
+                 f"expression >= {FLOOR_FACTOR} * {e['gamma']} in the face core, identity <= {OUTSIDE_MAX} outside)",
+                 value >= 1, value, ">= 1")
 
 
 def dip_check(metrics: dict, without_dip: dict) -> Check:
@@ -69,7 +89,7 @@ def checks(results: dict[str, dict]) -> dict[str, dict[str, Check]]:
     """Per run: STEA and ECAC on every run; DIP on every run that trains with L_id, against no_dip."""
     out: dict[str, dict[str, Check]] = {}
     for name, m in results.items():
-        out[name] = {"stea": stea_check(m), "ecac": ecac_check(m)}
+        out[name] = {"stea": stea_check(m), "ecac": ecac_check(m), "ecac_floors": ecac_floors_check(m)}
         if "no_dip" in results and name != "no_dip":
             out[name]["dip"] = dip_check(m, results["no_dip"])
     return out
@@ -91,8 +111,9 @@ def _cell(values: list[float], fmt: str) -> str:
 def markdown(by_seed: dict[int, dict[str, dict]]) -> str:
     """One row per run; with several seeds each cell is the mean [min, max]."""
     head = ("| run | STEA: loss margin, other vs own embedding | ECAC: identity attention in face / face share "
-            "| ECAC: expression attention in face (gamma) | DIP: z0_hat identity cosine (clean target) |")
-    lines = [head, "|---|---|---|---|---|"]
+            "| ECAC: expression attention in face (gamma) | ECAC: layers at both floors in the face core "
+            "| DIP: z0_hat identity cosine (clean target) |")
+    lines = [head, "|---|---|---|---|---|---|"]
     for name in ABLATIONS:
         runs = [results[name] for results in by_seed.values() if name in results]
         if not runs:
@@ -101,9 +122,12 @@ def markdown(by_seed: dict[int, dict[str, dict]]) -> str:
         def values(group: str, key: str, scale: float = 1.0) -> list[float]:
             return [scale * m[group][key] for m in runs]
 
+        floors = [float(layers_at_floors(m["ecac"])) for m in runs]
+
         gamma = runs[0]["ecac"]["gamma"]
         lines.append(f"| {LABELS[name]} | {_cell(values('stea', 'margin', 100), '+.1f')} % "
                      f"| {_cell(values('ecac', 'identity_concentration'), '.2f')}x "
                      f"| {_cell(values('ecac', 'expression_mean_in_mask'), '.3f')} ({gamma}) "
+                     f"| {_cell(floors, '.1f')} of {runs[0]['ecac']['layers']} "
                      f"| {_cell(values('dip', 'similarity'), '.3f')} ({_cell(values('dip', 'clean_similarity'), '.3f')}) |")
     return "\n".join(lines)
