@@ -3,16 +3,44 @@
 ComfyUI imports this file; it must stay light. Node modules import their heavy or
 optional dependencies (onnxruntime, facexlib, dlib, ...) only when a node runs, so a
 missing optional package disables one node with a clear message instead of the pack.
+
+Nothing here touches `sys.path`: the pack's folders (`training`, `evaluation`, ...) would
+otherwise become top-level modules of every ComfyUI process and collide with other packs'
+modules of the same name. Nodes reach `training` relatively (as `<this pack>.training`).
+The one global name is the ComfyUI-free core, `portraitbooth_core`, registered under
+that unique name so that nodes, training and the command line share one copy of it.
 """
+import importlib.util
+import logging
 import os
 import sys
 
-# The ComfyUI-free core (`portraitbooth_core`) and `training` are plain top-level
-# packages so that nodes, the training CLI and the tests all import the same modules.
-# Appended, not prepended: nothing here may shadow ComfyUI's own modules.
 _PACK_DIR = os.path.dirname(os.path.abspath(__file__))
-if _PACK_DIR not in sys.path:
-    sys.path.append(_PACK_DIR)
+CORE = "portraitbooth_core"
+
+
+def _register_core() -> None:
+    core_dir = os.path.join(_PACK_DIR, CORE)
+    loaded = sys.modules.get(CORE)
+    if loaded is not None:
+        where = os.path.dirname(os.path.abspath(getattr(loaded, "__file__", "") or ""))
+        if os.path.realpath(where) != os.path.realpath(core_dir):
+            logging.getLogger("portraitbooth").warning(
+                "another copy of %s is already loaded from %s; this pack (%s) uses that one. "
+                "Remove the duplicate PortraitBooth folder from custom_nodes.", CORE, where, _PACK_DIR)
+        return
+    spec = importlib.util.spec_from_file_location(CORE, os.path.join(core_dir, "__init__.py"),
+                                                  submodule_search_locations=[core_dir])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[CORE] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[CORE]
+        raise
+
+
+_register_core()
 
 
 async def comfy_entrypoint():

@@ -30,7 +30,7 @@ SD15_FULL = dict(
 def build(full: bool):
     import comfy.sd
 
-    from comfy_host.standins import tiny_unet_state_dict
+    from standins.sd15 import tiny_unet_state_dict
 
     overrides = SD15_FULL if full else {}
     model = comfy.sd.load_diffusion_model_state_dict(tiny_unet_state_dict(0, **overrides))
@@ -65,13 +65,13 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=None)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from comfy_host import host
+    from headless import comfyui as host
 
     host.import_comfyui(cpu=not _cuda())
     import torch
 
     from benchmarks.harness import compare, header
-    from portraitbooth_core.attention_control import ControlSettings
+    from portraitbooth_core.ecac.control import ControlSettings
 
     import importlib
 

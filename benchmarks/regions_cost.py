@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, nargs="+", default=[2, 4])
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from comfy_host import host
+    from headless import comfyui as host
 
     host.import_comfyui(cpu=not _cuda())
     import torch

@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:  # appended: ComfyUI's `nodes` must win over the p
     sys.path.append(str(REPO))
 
 from benchmarks.harness import compare, header  # noqa: E402
-from comfy_host import host  # noqa: E402
+from headless import comfyui as host  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -70,13 +70,13 @@ def main() -> None:
     import comfy.sd
     import nodes as comfy_nodes  # ComfyUI's nodes.py (sys.path puts ComfyUI first)
 
-    from comfy_host.standins import build_sd15_checkpoint, tiny_unet_state_dict
-    apply_unet_patch = pack_module("nodes.identity").apply_unet_patch
+    from standins.sd15 import build_sd15_checkpoint, tiny_unet_state_dict
+    apply_unet_patch = pack_module("nodes.stea").apply_unet_patch
     encode_with_identity = pack_module("nodes.stea_encode").encode_with_identity
     from portraitbooth_core.face.types import Identity
-    from portraitbooth_core.stea import STEAProjector
-    from portraitbooth_core.weightfile import load_portraitbooth, save_portraitbooth
-    from portraitbooth_core.weightfile_meta import FaceEncoderSpec
+    from portraitbooth_core.stea.projector import STEAProjector
+    from portraitbooth_core.weights.file import load_portraitbooth, save_portraitbooth
+    from portraitbooth_core.weights.meta import FaceEncoderSpec
 
     mode = "full" if args.full else "quick"
     header("PortraitBooth STEA cost", mode=mode, rank=args.rank)

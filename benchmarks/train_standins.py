@@ -18,7 +18,7 @@ KL_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channel
 
 
 def cache_dir() -> Path:
-    from comfy_host.host import host_dir
+    from headless.comfyui import host_dir
 
     path = host_dir() / "cache" / "bench_train"
     path.mkdir(parents=True, exist_ok=True)
@@ -29,7 +29,7 @@ def build_checkpoint(full: bool) -> Path:
     from safetensors.torch import save_file
 
     from benchmarks.ecac_cost import SD15_FULL
-    from comfy_host.standins import _randomize, clip_l_state_dict, tiny_unet_state_dict
+    from standins.sd15 import randomize, clip_l_state_dict, tiny_unet_state_dict
 
     path = cache_dir() / f"sd15_{'full' if full else 'tiny'}_klvae.safetensors"
     if path.is_file():
@@ -37,7 +37,7 @@ def build_checkpoint(full: bool) -> Path:
     import comfy.ldm.models.autoencoder as ae
 
     vae = ae.AutoencoderKL(ddconfig=dict(KL_DDCONFIG), embed_dim=4)
-    _randomize(vae, 3)
+    randomize(vae, 3)
     sd = {}
     for prefix, part in (("model.diffusion_model.", tiny_unet_state_dict(0, **(SD15_FULL if full else {}))),
                          ("cond_stage_model.", clip_l_state_dict(1)), ("first_stage_model.", vae.state_dict())):

@@ -73,7 +73,7 @@ def _clip(args):
     folder = weights if weights.is_dir() else weights.parent
     if tokenizer is None and not all((folder / f).is_file() for f in TOKENIZER_FILES):
         try:
-            from comfy_host.host import comfyui_dir
+            from headless.comfyui import comfyui_dir
 
             tokenizer = comfyui_dir() / "comfy" / "sd1_tokenizer"
         except RuntimeError:
@@ -114,11 +114,11 @@ def _protocol(args) -> int:
         raise FileNotFoundError(f"No CLIP weights at {args.clip}; nothing is downloaded. Fix --clip or leave it out.")
     images = args.out / "images"
     if args.server:
-        from comfy_host.client import ComfyClient
+        from headless.client import ComfyClient
 
         run_protocol(ComfyClient(args.server), args.subjects, images, settings, log=stderr_log)
     else:
-        from comfy_host.server import ComfyServer
+        from headless.server import ComfyServer
 
         with ComfyServer(cpu=args.cpu) as server:
             stderr_log(f"[protocol] ComfyUI started at {server.url} (log: {server.log_path})")

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from comfy_host.client import ComfyClient
-from comfy_host.workflows import API_DIR, load_api_workflow, with_inputs
+from headless.client import ComfyClient
+from headless.workflows import API_DIR, load_api_workflow, with_inputs
 
 from .prompts import Prompt
 from .score import MANIFEST, find_subjects

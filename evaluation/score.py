@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from portraitbooth_core.face import Identity
-from portraitbooth_core.scoring import IdentityScorer
+from portraitbooth_core.scoring.identity_score import IdentityScorer
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 MANIFEST = "prompts.json"

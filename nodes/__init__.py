@@ -1,16 +1,23 @@
 """ComfyUI node classes (V3 schema). Thin: every node calls `portraitbooth_core`.
 
-One module per node family; each exports `NODES`, the classes it registers.
+One module per node family, named after it; each exports `NODES`, the classes it registers:
+  face_analysis  Load FaceEncoder, Analyze Faces       identity     Mix Identities
+  stea           Load PortraitBooth Model, Apply STEA   ecac         ECAC Attention Patch, Attention Map Preview
+  regions        PortraitBooth Region, Multi-Subject Region Sampler
+  scoring        Identity Score                         dip_trainer  DIP Trainer
+`contracts` holds the socket types and the PortraitBooth entry of a CONDITIONING;
+`paths` the rule for which files a node may read or write.
 """
 from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import ecac, face, identity, regions, scoring, training
+from . import dip_trainer, ecac, face_analysis, identity, regions, scoring, stea
 
 CATEGORY = "PortraitBooth"
 
 
 class PortraitBoothExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*face.NODES, *identity.NODES, *ecac.NODES, *regions.NODES, *scoring.NODES, *training.NODES]
+        return [*face_analysis.NODES, *identity.NODES, *stea.NODES, *ecac.NODES, *regions.NODES, *scoring.NODES,
+                *dip_trainer.NODES]

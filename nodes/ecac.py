@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from portraitbooth_core.attention import AttentionCapture, AttentionStore
-from portraitbooth_core.attention_control import ControlSettings, ExpressionControl
-from portraitbooth_core.attention_preview import overlay_maps
-from portraitbooth_core.class_tokens import parse_words, tokenizer_words
-from portraitbooth_core.emotions import find_expression_tokens, find_word_tokens
-from portraitbooth_core.unet_layers import cross_attention_layers, install_on_layers, select_layers
+from portraitbooth_core.ecac.capture import AttentionCapture, AttentionStore
+from portraitbooth_core.ecac.control import ControlSettings, ExpressionControl
+from portraitbooth_core.ecac.preview import overlay_maps
+from portraitbooth_core.stea.class_words import parse_words, tokenizer_words
+from portraitbooth_core.ecac.expression_words import find_expression_tokens, find_word_tokens
+from portraitbooth_core.ecac.layers import cross_attention_layers, install_on_layers, select_layers
 
 log = logging.getLogger("portraitbooth")
 CATEGORY = "PortraitBooth/ecac"

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from portraitbooth_core.multidiffusion import active_paths, fuse
-from portraitbooth_core.regional_attention import RegionalAttention, TokenGroup, extend_context
-from portraitbooth_core.regions import Layout, Placement, RegionError, layout
-from portraitbooth_core.unet_layers import cross_attention_layers, install_on_layers
+from portraitbooth_core.regions.multidiffusion import active_paths, fuse
+from portraitbooth_core.regions.attention import RegionalAttention, TokenGroup, extend_context
+from portraitbooth_core.regions.layout import Layout, Placement, RegionError, layout
+from portraitbooth_core.ecac.layers import cross_attention_layers, install_on_layers
 
 from .ecac import comfy_attention
 

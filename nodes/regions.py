@@ -1,13 +1,13 @@
 """Region nodes: PortraitBooth Region (a subject's conditioning + where it goes) and the
 Multi-Subject Region Sampler. ComfyUI glue only; see nodes/region_sampling.py and
-portraitbooth_core.regions / regional_attention / multidiffusion for the work.
+portraitbooth_core.regions.layout / regional_attention / multidiffusion for the work.
 """
 from __future__ import annotations
 
 import comfy.samplers
 from comfy_api.latest import io
 
-from portraitbooth_core.regions import Box
+from portraitbooth_core.regions.layout import Box
 
 from .region_sampling import MODES, Region, check_same_base, sample_regions
 

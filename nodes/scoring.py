@@ -1,15 +1,15 @@
 """Identity Score: rank generated images by how much they look like the reference person.
 
-Thin wrapper over portraitbooth_core.scoring (the same score the evaluation CLI reports).
+Thin wrapper over portraitbooth_core.scoring.identity_score (the same score the evaluation CLI reports).
 """
 from __future__ import annotations
 
 import torch
 from comfy_api.latest import io
 
-from portraitbooth_core.scoring import IdentityScorer, format_report, ranking
+from portraitbooth_core.scoring.identity_score import IdentityScorer, format_report, ranking
 
-from .types import FaceEmbedding, FaceEncoder
+from .contracts import FaceEmbedding, FaceEncoder
 
 CATEGORY = "PortraitBooth/evaluate"
 

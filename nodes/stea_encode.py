@@ -11,12 +11,12 @@ from typing import Sequence
 
 import torch
 
-from portraitbooth_core.class_tokens import (ClassWordError, ClassWordMatcher, parse_words, select_subjects,
+from portraitbooth_core.stea.class_words import (ClassWordError, ClassWordMatcher, parse_words, select_subjects,
                                              tokenizer_words)
 from portraitbooth_core.face.types import Identity
-from portraitbooth_core.stea import splice_identity
-from portraitbooth_core.weightfile import PortraitBoothModel
-from portraitbooth_core.weightfile_meta import check_embedding
+from portraitbooth_core.stea.projector import splice_identity
+from portraitbooth_core.weights.file import PortraitBoothModel
+from portraitbooth_core.weights.meta import check_embedding
 
 log = logging.getLogger("portraitbooth")
 CLIP_KEY = "l"  # SD1.5 has one text encoder, CLIP-L, under tokenizer key "l"

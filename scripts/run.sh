@@ -6,4 +6,4 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$repo/scripts/setup_host.sh"
 source "$repo/.host/env"
 cd "$repo"
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec "$PYTHON" -m comfy_host.generate "$@"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec "$PYTHON" -m headless.generate "$@"

@@ -16,8 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from comfy_host import host  # noqa: E402
-from comfy_host.server import ComfyServer  # noqa: E402
+from headless import comfyui as host  # noqa: E402
+from headless.server import ComfyServer  # noqa: E402
 
 COMFY_DIR = host.import_comfyui(cpu=os.environ.get("PORTRAITBOOTH_TEST_GPU") != "1")
 ARTIFACTS = REPO / "test-artifacts"
@@ -46,7 +46,7 @@ def photos_dir() -> Path:
 @pytest.fixture(scope="session")
 def sd15_checkpoint() -> str:
     """Name of a random-weight SD1.5 checkpoint in ComfyUI's models/checkpoints/, built once."""
-    from comfy_host.standins import build_sd15_checkpoint
+    from standins.sd15 import build_sd15_checkpoint
 
     build_sd15_checkpoint(COMFY_DIR / "models" / "checkpoints" / TEST_CHECKPOINT)
     return TEST_CHECKPOINT
@@ -55,7 +55,7 @@ def sd15_checkpoint() -> str:
 @pytest.fixture(scope="session")
 def tiny_model():
     """A small SD1.5 ModelPatcher on the CPU (random weights), loaded the way ComfyUI does."""
-    from comfy_host.standins import tiny_model_patcher
+    from standins.sd15 import tiny_model_patcher
 
     return tiny_model_patcher(seed=0)
 
@@ -102,7 +102,7 @@ def start_server(tmp_path):
 
 
 def load_pack():
-    """The pack imported the way ComfyUI imports it (see comfy_host.host.import_node_pack)."""
+    """The pack imported the way ComfyUI imports it (see headless.comfyui.import_node_pack)."""
     return host.import_node_pack()
 
 

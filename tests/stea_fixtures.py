@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from portraitbooth_core.face.types import Identity
-from portraitbooth_core.stea import ProjectorConfig, STEAProjector
-from portraitbooth_core.weightfile_meta import FaceEncoderSpec
-from portraitbooth_core.weightfile import PortraitBoothModel, load_portraitbooth, save_portraitbooth
+from portraitbooth_core.stea.projector import ProjectorConfig, STEAProjector
+from portraitbooth_core.weights.meta import FaceEncoderSpec
+from portraitbooth_core.weights.file import PortraitBoothModel, load_portraitbooth, save_portraitbooth
 
 KIND = "arcface:standin/w600k_r50.onnx"
 DIM = 512

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from comfy_host.browser import CHROMIUM, load_ui_workflow, open_frontend, wait_for_node_types
+from frontend import CHROMIUM, load_ui_workflow, open_frontend, wait_for_node_types
 from conftest import REPO
 
 

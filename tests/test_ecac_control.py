@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from portraitbooth_core.attention import AttentionCapture, AttentionStore
-from portraitbooth_core.attention_control import ControlSettings, ExpressionControl, constrain_rows
-from portraitbooth_core.attention_dispatch import Attn2Dispatcher, apply_probs, attention_probs
+from portraitbooth_core.ecac.capture import AttentionCapture, AttentionStore
+from portraitbooth_core.ecac.control import ControlSettings, ExpressionControl, constrain_rows
+from portraitbooth_core.ecac.dispatch import Attn2Dispatcher, apply_probs, attention_probs
 
 HEADS, TOKENS, ID, EXPR = 2, 6, [2], [4]
 

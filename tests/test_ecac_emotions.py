@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 from conftest import load_pack
-from portraitbooth_core.emotions import EMOTIONS, emotion_of, find_expression_tokens, find_word_tokens
+from portraitbooth_core.ecac.expression_words import EMOTIONS, emotion_of, find_expression_tokens, find_word_tokens
 
 
 class TokenizerOnlyClip:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from portraitbooth_core.attention import AttentionCapture
-from portraitbooth_core.attention_dispatch import Attn2Dispatcher, attention_probs, apply_probs
-from portraitbooth_core.ecac_loss import ECACSettings, localization_loss, loss_from_capture
+from portraitbooth_core.ecac.capture import AttentionCapture
+from portraitbooth_core.ecac.dispatch import Attn2Dispatcher, attention_probs, apply_probs
+from portraitbooth_core.ecac.loss import ECACSettings, localization_loss, loss_from_capture
 
 MASK = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])  # face = top row
 A_ID = torch.tensor([[[0.9, 0.5], [0.2, 0.0]]])  # 0.9 > beta (truncation inactive), 0.5 < beta (active)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import load_pack
-from portraitbooth_core.attention_control import ControlSettings
-from portraitbooth_core.unet_layers import cross_attention_layers, select_layers
+from portraitbooth_core.ecac.control import ControlSettings
+from portraitbooth_core.ecac.layers import cross_attention_layers, select_layers
 
 ID, EXPR = [5], [3]  # "a photo of a smiling woman": woman at 5, smiling at 4 -> any fixed ids do here
 LABELS = {"woman": ID, "smiling": EXPR}

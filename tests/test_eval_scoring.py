@@ -11,7 +11,7 @@ import pytest
 
 from face_fixtures import read_photo, zero_download_encoder  # noqa: F401  (fixture)
 from portraitbooth_core.face import IdentityError
-from portraitbooth_core.scoring import IdentityScorer, format_report, greedy_match, match_subjects, ranking
+from portraitbooth_core.scoring.identity_score import IdentityScorer, format_report, greedy_match, match_subjects, ranking
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_host.standins import build_portraitbooth_file
+from standins.sd15 import build_portraitbooth_file
 from conftest import started_server
 from evaluation.__main__ import main
 from face_fixtures import read_photo, zero_download_encoder  # noqa: F401  (fixture)

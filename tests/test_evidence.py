@@ -1,4 +1,4 @@
-"""The small-scale evidence (evaluation/evidence): its short run (one seed, the four
+"""The small-scale evidence (training/evidence): its short run (one seed, the four
 Table-6 rows, ~7 minutes on two cores) must show each mechanism's effect with the
 stated margin, and the run without that mechanism must not. Then the synthetic world
 the measurements rest on: the hand-set VAE must be an exact pooling autoencoder through
@@ -20,10 +20,10 @@ from conftest import REPO
 
 @pytest.fixture(scope="module")
 def evidence(tmp_path_factory) -> dict[str, dict]:
-    """Metrics of the four runs of `python -m evaluation.evidence --quick` (seed 0)."""
+    """Metrics of the four runs of `python -m training.evidence --quick` (seed 0)."""
     out = tmp_path_factory.mktemp("evidence")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "evaluation.evidence", "--quick", "--jobs", "2",
+    done = subprocess.run([sys.executable, "-m", "training.evidence", "--quick", "--jobs", "2",
                            "--work", str(out / "work"), "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -32,14 +32,14 @@ def evidence(tmp_path_factory) -> dict[str, dict]:
 
 
 def test_stea_carries_identity_and_fails_without_it(evidence):
-    from evaluation.evidence import report
+    from training.evidence import report
 
     assert report.stea_check(evidence["full"]).passed, report.stea_check(evidence["full"])
     assert not report.stea_check(evidence["no_stea"]).passed, report.stea_check(evidence["no_stea"])
 
 
 def test_ecac_places_attention_and_fails_without_it(evidence):
-    from evaluation.evidence import report
+    from training.evidence import report
 
     assert report.ecac_check(evidence["full"]).passed, report.ecac_check(evidence["full"])
     assert not report.ecac_check(evidence["no_ecac"]).passed, report.ecac_check(evidence["no_ecac"])
@@ -50,7 +50,7 @@ def test_ecac_places_attention_and_fails_without_it(evidence):
 
 
 def test_dip_raises_identity_over_the_run_without_it(evidence):
-    from evaluation.evidence import report
+    from training.evidence import report
 
     check = report.dip_check(evidence["full"], evidence["no_dip"])
     assert check.passed, check
@@ -59,7 +59,7 @@ def test_dip_raises_identity_over_the_run_without_it(evidence):
 
 
 def test_every_ablation_lowers_its_own_metric_as_in_the_paper(evidence):
-    from evaluation.evidence import report
+    from training.evidence import report
 
     assert report.directions(evidence) == {"no_stea": True, "no_ecac": True, "no_dip": True}
 
@@ -67,7 +67,7 @@ def test_every_ablation_lowers_its_own_metric_as_in_the_paper(evidence):
 def test_pooling_vae_encodes_8x_means_and_decodes_them_back():
     import comfy.taesd.taesd as taesd
 
-    from evaluation.evidence import world
+    from training.evidence import world
 
     vae = taesd.TAESD()
     vae.load_state_dict(world.pooling_taesd_state_dict())
@@ -86,7 +86,7 @@ def test_pooling_vae_encodes_8x_means_and_decodes_them_back():
 def test_recognizer_tells_identities_apart(tmp_path):
     from portraitbooth_core.face.align import align_face
 
-    from evaluation.evidence import dataset, world
+    from training.evidence import dataset, world
 
     recognizer = dataset.Recognizer(world.build_recognizer_onnx(tmp_path / "rec.onnx"))
     identities = world.make_identities(8, 0)
@@ -109,7 +109,7 @@ def test_recognizer_tells_identities_apart(tmp_path):
 
 
 def test_uninformative_embeddings_do_not_name_the_identity(tmp_path):
-    from evaluation.evidence import dataset, world
+    from training.evidence import dataset, world
 
     recognizer = dataset.Recognizer(world.build_recognizer_onnx(tmp_path / "rec.onnx"))
     samples = dataset.make_samples(world.make_identities(4, 0), 8, 64, 1, recognizer)
@@ -123,7 +123,7 @@ def test_uninformative_embeddings_do_not_name_the_identity(tmp_path):
 
 
 def test_report_shows_each_row_as_mean_and_range_over_seeds():
-    from evaluation.evidence import report
+    from training.evidence import report
 
     def metrics(margin, conc):
         return {"stea": {"margin": margin}, "ecac": {"identity_concentration": conc, "expression_mean_in_mask": 0.05,

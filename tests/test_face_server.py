@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_host.client import ComfyError
+from headless.client import ComfyError
 from conftest import REPO
 
 

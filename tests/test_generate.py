@@ -8,8 +8,8 @@ import sys
 
 from PIL import Image
 
-from comfy_host.generate import SMOKE_WEIGHTS, plan_models
-from comfy_host.standins import build_portraitbooth_file
+from headless.generate import SMOKE_WEIGHTS, plan_models
+from standins.sd15 import build_portraitbooth_file
 from conftest import COMFY_DIR, REPO
 
 
@@ -45,7 +45,7 @@ def test_stand_in_files_never_count_as_the_users_models(tmp_path):
 def test_smoke_run_writes_a_png_through_the_http_api(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "comfy_host.generate", "--smoke", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "headless.generate", "--smoke", "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SMOKE RUN" in proc.stderr

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from comfy_host.client import ComfyError
-from comfy_host.graphs import txt2img
+from headless.client import ComfyError
+from headless.graphs import txt2img
 from conftest import REPO, default_inputs
 
 

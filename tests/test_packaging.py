@@ -30,7 +30,7 @@ def test_importing_the_pack_pulls_in_no_optional_dependency():
     probe = f"""
 import sys, asyncio, importlib.util
 sys.path.insert(0, {str(REPO)!r})
-from comfy_host.host import import_comfyui
+from headless.comfyui import import_comfyui
 import_comfyui()
 spec = importlib.util.spec_from_file_location("pb_pack", {str(REPO / '__init__.py')!r},
                                               submodule_search_locations=[{str(REPO)!r}])

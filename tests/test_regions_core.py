@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from portraitbooth_core.attention_dispatch import LayerCall
-from portraitbooth_core.multidiffusion import active_paths, fuse
-from portraitbooth_core.regional_attention import RegionalAttention, TokenGroup, extend_context
-from portraitbooth_core.regions import Box, RegionError, fit_mask, layout, side_by_side
+from portraitbooth_core.ecac.dispatch import LayerCall
+from portraitbooth_core.regions.multidiffusion import active_paths, fuse
+from portraitbooth_core.regions.attention import RegionalAttention, TokenGroup, extend_context
+from portraitbooth_core.regions.layout import Box, RegionError, fit_mask, layout, side_by_side
 
 
 def call(size=(4, 6), sigma=None) -> LayerCall:
@@ -121,7 +121,7 @@ def test_fuse_is_the_mask_weighted_average_of_the_paths():
 def test_fused_fast_path_gives_what_the_explicit_softmax_gives():
     """The dispatcher runs RegionalAttention as a logit mask on the fused kernel; a hook with
     only `process` takes the explicit-softmax path. Both must agree, uncond rows untouched."""
-    from portraitbooth_core.attention_dispatch import Attn2Dispatcher
+    from portraitbooth_core.ecac.dispatch import Attn2Dispatcher
 
     def sdpa(q, k, v, heads, mask=None, **_):
         b, n, c = q.shape

@@ -14,7 +14,7 @@ import torch
 
 import stea_fixtures
 from conftest import load_pack
-from portraitbooth_core.regions import Box, RegionError
+from portraitbooth_core.regions.layout import Box, RegionError
 
 LEFT, RIGHT = Box(0.0, 0.0, 0.5, 1.0), Box(0.5, 0.0, 0.5, 1.0)
 LATENT = (1, 4, 16, 32)  # a 128x256 image: two 16x16 halves
@@ -134,7 +134,7 @@ def test_occurrences_of_one_class_word_map_to_regions_in_order(mods, parts):
 
 
 def test_more_faces_than_class_words_is_refused_with_the_fix(mods, parts):
-    from portraitbooth_core.class_tokens import ClassWordError
+    from portraitbooth_core.stea.class_words import ClassWordError
 
     with pytest.raises(ClassWordError, match="2 faces were given but the prompt has only 1"):
         stea(mods, parts, "a photo of a man", 1, 2)
@@ -172,7 +172,7 @@ def test_masks_of_another_shape_are_resized_and_reported(mods, parts, caplog):
 def test_regions_share_the_attention_dispatcher_with_ecac_and_drive_the_progress_bar(mods, parts):
     import comfy.utils
 
-    from portraitbooth_core.attention_control import ControlSettings
+    from portraitbooth_core.ecac.control import ControlSettings
 
     ecac = importlib.import_module("portraitbooth_pack_under_test.nodes.ecac")
     with_ecac, store = ecac.apply_ecac(parts[0], [5], [4], {"man": [5]}, ControlSettings(strength=1.0),

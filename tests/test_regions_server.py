@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_host.client import ComfyError
-from comfy_host.standins import build_portraitbooth_file
-from comfy_host.workflows import load_api_workflow, with_inputs
+from headless.client import ComfyError
+from standins.sd15 import build_portraitbooth_file
+from headless.workflows import load_api_workflow, with_inputs
 from conftest import started_server
 
 WEIGHTS = "portraitbooth_regions_standin.safetensors"

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from stea_fixtures import identity, model
-from portraitbooth_core.class_tokens import ClassWordError
-from portraitbooth_core.stea import splice_identity
-from portraitbooth_core.weightfile_meta import EmbeddingMismatchError
+from portraitbooth_core.stea.class_words import ClassWordError
+from portraitbooth_core.stea.projector import splice_identity
+from portraitbooth_core.weights.meta import EmbeddingMismatchError
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stea_fixtures import lora_patch, write_model
-from portraitbooth_core.weightfile import PortraitBoothModel
+from portraitbooth_core.weights.file import PortraitBoothModel
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,7 @@ def test_sigkill_during_checkpoint_write_resumes_exactly(single_run, dataset_dir
     exported = run_cli(["-m", "training", "export", "--output", str(tmp_path / "crash"), "--out",
                         str(tmp_path / "later.safetensors")])
     assert exported.returncode == 0, exported.stderr[-3000:]
-    from portraitbooth_core.weightfile import load_portraitbooth
+    from portraitbooth_core.weights.file import load_portraitbooth
 
     info = load_portraitbooth(tmp_path / "later.safetensors").info
     assert info.training["steps"] == STEPS and info.training["lora"] == {"rank": 4, "alpha": 4.0}

@@ -55,7 +55,7 @@ def test_dip_trainer_node_trains_continues_and_saves_into_models(pack_modules, i
                                                                  sd15_checkpoint, tmp_path):
     import folder_paths
 
-    from portraitbooth_core.weightfile import load_portraitbooth
+    from portraitbooth_core.weights.file import load_portraitbooth
 
     _, node_module = pack_modules
     node = node_module.DIPTrainer

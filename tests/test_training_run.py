@@ -164,7 +164,7 @@ def test_total_loss_goes_down_and_everything_is_logged(sd15_checkpoint, dataset_
     assert (tmp_path / "validation" / "step-00000010.png").is_file()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000010.pt"]  # keep_last=1
-    from portraitbooth_core.weightfile import load_portraitbooth
+    from portraitbooth_core.weights.file import load_portraitbooth
 
     exported = load_portraitbooth(path)  # EMA weights: the projector equals the EMA shadow
     shadow = {n[len("projector."):]: v for n, v in t.ema.state_dict().items() if n.startswith("projector.")}

@@ -9,7 +9,7 @@ from training_fixtures import *  # noqa: F401,F403
 
 
 def test_dip_trainer_graph_trains_and_writes_a_loadable_model(start_server, dataset_dir, sd15_checkpoint):
-    from portraitbooth_core.weightfile import load_portraitbooth
+    from portraitbooth_core.weights.file import load_portraitbooth
 
     server = start_server()
     shutil.copytree(dataset_dir, server.input_dir / "faces")  # datasets must sit under ComfyUI's folders

@@ -9,8 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from stea_fixtures import DIM, KIND, lora_patch, write_model
-from portraitbooth_core.weightfile import load_portraitbooth, save_portraitbooth
-from portraitbooth_core.weightfile_meta import (
+from portraitbooth_core.weights.file import load_portraitbooth, save_portraitbooth
+from portraitbooth_core.weights.meta import (
     METADATA_KEY, CorruptWeightFileError, EmbeddingMismatchError, FaceEncoderSpec, MissingKeysError,
     NewerFormatError, NotPortraitBoothFileError, WrongBaseModelError, check_embedding,
 )
@@ -130,8 +130,8 @@ def test_embedding_dimension_mismatch(good):
 
 
 def test_recognizer_check():
-    from portraitbooth_core.stea import ProjectorConfig
-    from portraitbooth_core.weightfile_meta import PortraitBoothInfo
+    from portraitbooth_core.stea.projector import ProjectorConfig
+    from portraitbooth_core.weights.meta import PortraitBoothInfo
 
     meta = PortraitBoothInfo(ProjectorConfig(face_dim=512), FaceEncoderSpec("arcface:antelopev2/glintr100.onnx", 512))
     assert check_embedding(meta, "arcface:antelopev2/glintr100.onnx", 512) is None

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from portraitbooth_core.class_tokens import TokenizerWords
-from portraitbooth_core.emotions import find_expression_tokens, find_word_tokens
+from portraitbooth_core.stea.class_words import TokenizerWords
+from portraitbooth_core.ecac.expression_words import find_expression_tokens, find_word_tokens
 
 CLIP_KEY = "l"
 CHUNK = 77

@@ -19,7 +19,7 @@ def find_comfyui() -> Path:
     for parent in PACK.parents:
         if (parent / "main.py").is_file() and (parent / "comfy").is_dir():
             return parent
-    from comfy_host.host import comfyui_dir
+    from headless.comfyui import comfyui_dir
 
     return comfyui_dir()
 

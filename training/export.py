@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from portraitbooth_core.emotions import EMOTIONS
-from portraitbooth_core.weightfile import save_portraitbooth
-from portraitbooth_core.weightfile_meta import FaceEncoderSpec
+from portraitbooth_core.ecac.expression_words import EMOTIONS
+from portraitbooth_core.weights.file import save_portraitbooth
+from portraitbooth_core.weights.meta import FaceEncoderSpec
 
 UNET_PREFIX = "model.diffusion_model."
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from portraitbooth_core.ecac_loss import ECACSettings, loss_from_capture, resize_mask
+from portraitbooth_core.ecac.loss import ECACSettings, loss_from_capture, resize_mask
 from portraitbooth_core.face.align import align_faces_torch
 from portraitbooth_core.face.arcface_torch import identity_loss
 

@@ -11,9 +11,9 @@ import contextlib
 import torch
 from torch import nn
 
-from portraitbooth_core.attention import AttentionCapture
-from portraitbooth_core.stea import STEAProjector, splice_identity
-from portraitbooth_core.unet_layers import cross_attention_layers, install_on_layers, select_layers
+from portraitbooth_core.ecac.capture import AttentionCapture
+from portraitbooth_core.stea.projector import STEAProjector, splice_identity
+from portraitbooth_core.ecac.layers import cross_attention_layers, install_on_layers, select_layers
 
 from .config import TrainConfig
 from .data import IDENTITY, Batch

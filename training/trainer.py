@@ -15,7 +15,7 @@ import torch
 
 from portraitbooth_core.face.arcface_torch import TorchArcFace
 from portraitbooth_core.optional import require
-from portraitbooth_core.stea import ProjectorConfig, STEAProjector
+from portraitbooth_core.stea.projector import ProjectorConfig, STEAProjector
 
 from . import distributed as D
 from .checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state

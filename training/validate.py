@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from portraitbooth_core.stea import splice_identity
+from portraitbooth_core.stea.projector import splice_identity
 
 from .data import decode
 

@@ -1,0 +1,117 @@
+"""Start a real ComfyUI on a free 127.0.0.1 port and stop it again, by its PID."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+from pathlib import Path
+
+from .client import ComfyClient
+from .comfyui import comfyui_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+class ComfyServer:
+    """A ComfyUI process with its own input/output folders and log.
+
+    extra_model_paths: {folder kind: path} added through an extra_model_paths.yaml, so
+    tests can point ComfyUI at stand-in models without touching the host's models/.
+    """
+
+    def __init__(self, workdir: str | os.PathLike | None = None, python: str | None = None,
+                 extra_model_paths: dict[str, str] | None = None, env: dict | None = None,
+                 cpu: bool = True, extra_args: list[str] | None = None):
+        self.comfy = comfyui_dir()
+        self.python = python or sys.executable
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="pb-comfy-"))
+        self.input_dir = self.workdir / "input"
+        self.output_dir = self.workdir / "output"
+        self.log_path = self.workdir / "server.log"
+        self.extra_model_paths = extra_model_paths or {}
+        self.env = env or {}
+        self.cpu = cpu and os.environ.get("PORTRAITBOOTH_TEST_GPU") != "1"
+        self.extra_args = extra_args or []
+        self.port: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self.client: ComfyClient | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> ComfyClient:
+        for d in (self.input_dir, self.output_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        args = [self.python, str(self.comfy / "main.py"), "--listen", "127.0.0.1",
+                "--port", str(self.port), "--disable-auto-launch", "--disable-api-nodes",
+                "--database-url", "sqlite:///:memory:",
+                "--input-directory", str(self.input_dir),
+                "--output-directory", str(self.output_dir),
+                "--temp-directory", str(self.workdir), *self.extra_args]
+        if self.cpu:
+            args.append("--cpu")
+        if self.extra_model_paths:
+            cfg = self.workdir / "extra_model_paths.yaml"
+            lines = ["portraitbooth_tests:"] + [f"    {k}: {v}" for k, v in self.extra_model_paths.items()]
+            cfg.write_text("\n".join(lines) + "\n")
+            args += ["--extra-model-paths-config", str(cfg)]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               "PYTHONUNBUFFERED": "1", **self.env}
+        log = open(self.log_path, "wb")
+        # Own process group: stop() can end ComfyUI and anything it spawned.
+        self.proc = subprocess.Popen(args, cwd=self.comfy, stdout=log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+        log.close()
+        self.client = ComfyClient(self.url)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerStartError(f"ComfyUI exited with code {self.proc.returncode} during "
+                                       f"start-up.\n--- server log tail ---\n{self.log_tail()}")
+            try:
+                self.client.get_json("/system_stats")
+                return self.client
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.3)
+        self.stop()
+        raise ServerStartError(f"ComfyUI did not answer within {timeout:.0f} s.\n"
+                               f"--- server log tail ---\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = os.getpgid(self.proc.pid)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.proc.wait(timeout)
+
+    def __enter__(self) -> "ComfyServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,112 @@
+"""Face analysis nodes: Load FaceEncoder, Analyze Faces. Thin wrappers over
+portraitbooth_core.face; heavy backends load when a node runs, not at import."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from portraitbooth_core.face import (DETECTORS, NO_FACE_ACTIONS, PROVIDER_CHOICES, RECOGNIZERS, SELECT_RULES,
+                                     build_encoder, find_packs, find_parsing_weights, uint8_to_comfy)
+
+from .contracts import FaceEmbedding, FaceEncoder
+
+CATEGORY = "PortraitBooth/face"
+NO_PACK = "none (zero-download RetinaFace)"
+
+# ComfyUI 0.3.75 knows neither folder; other face packs use these same locations.
+for _name in ("insightface", "facexlib"):
+    if _name not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(_name, os.path.join(folder_paths.models_dir, _name), is_default=True)
+
+
+def _packs() -> dict:
+    return find_packs(folder_paths.get_folder_paths("insightface"))
+
+
+class LoadFaceEncoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        roots = ", ".join(os.path.join(p, "models", "<pack>") for p in folder_paths.get_folder_paths("insightface"))
+        return io.Schema(
+            node_id="PortraitBoothLoadFaceEncoder",
+            display_name="Load FaceEncoder (PortraitBooth)",
+            category=CATEGORY,
+            description="Face detector + recognizer + face-mask maker used to turn photos into an identity.",
+            inputs=[
+                io.Combo.Input("pack", options=[NO_PACK, *_packs()], default=NO_PACK,
+                               tooltip=f"insightface model pack (antelopev2, buffalo_l, ...) found in {roots}; "
+                                       "or none: RetinaFace + dlib, shipped in pip packages, no download."),
+                io.Combo.Input("detector", options=list(DETECTORS), default="auto",
+                               tooltip="auto: the pack's SCRFD when a pack is chosen, else RetinaFace."),
+                io.Combo.Input("recognizer", options=list(RECOGNIZERS), default="auto",
+                               tooltip="auto: the pack's ArcFace when a pack is chosen, else dlib's ResNet. "
+                                       "Embeddings of different recognizers cannot be mixed."),
+                io.Combo.Input("provider", options=list(PROVIDER_CHOICES), default="auto",
+                               tooltip="onnxruntime device. auto uses CUDA when onnxruntime-gpu offers it and "
+                                       "says in the console when it falls back to CPU."),
+                io.Int.Input("det_size", default=640, min=160, max=1280, step=32,
+                             tooltip="SCRFD input size in pixels; larger finds smaller faces, slower."),
+                io.Boolean.Input("mask_ears", default=False, tooltip="Include ears in the face mask (parsing only)."),
+                io.Boolean.Input("mask_hair", default=False, tooltip="Include hair in the face mask (parsing only)."),
+                io.Boolean.Input("mask_neck", default=False, tooltip="Include the neck in the face mask (parsing only)."),
+            ],
+            outputs=[FaceEncoder.Output(display_name="face_encoder")],
+        )
+
+    @classmethod
+    def execute(cls, pack, detector, recognizer, provider, det_size, mask_ears, mask_hair, mask_neck) -> io.NodeOutput:
+        pack_dir = None
+        if pack != NO_PACK:
+            packs = _packs()
+            roots = [os.path.join(p, "models", pack) for p in folder_paths.get_folder_paths("insightface")]
+            pack_dir = packs.get(pack, roots[0])  # a vanished pack gets load_pack's "not found" message
+        folders = folder_paths.get_folder_paths("facexlib")
+        encoder = build_encoder(pack_dir, detector, recognizer, provider, det_size,
+                                parsing_weights=find_parsing_weights(folders),
+                                parsing_searched="searched " + ", ".join(folders),
+                                ears=mask_ears, hair=mask_hair, neck=mask_neck)
+        return io.NodeOutput(encoder)
+
+
+class AnalyzeFaces(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PortraitBoothAnalyzeFaces",
+            display_name="Analyze Faces (PortraitBooth)",
+            category=CATEGORY,
+            description="Photos of one person -> one identity embedding, face masks and a preview.",
+            inputs=[
+                FaceEncoder.Input("face_encoder", tooltip="From Load FaceEncoder."),
+                io.Image.Input("images", tooltip="One or more photos of the same person (a batch); "
+                                                 "their embeddings are averaged."),
+                io.Combo.Input("select", options=list(SELECT_RULES), default="largest",
+                               tooltip="Which face to use when a photo shows several: the largest, or the one at "
+                                       "face_index counting from the left (0 = leftmost)."),
+                io.Int.Input("face_index", default=0, min=0, max=64,
+                             tooltip="Used with select=index: 0 is the leftmost face."),
+                io.Combo.Input("on_no_face", options=list(NO_FACE_ACTIONS), default="error",
+                               tooltip="error: stop and name the photo; skip: leave photos without a face out."),
+                io.Float.Input("det_threshold", default=0.6, min=0.05, max=0.99, step=0.01,
+                               tooltip="Detection confidence; lower it if a real face is missed."),
+            ],
+            outputs=[
+                FaceEmbedding.Output(display_name="face_embedding"),
+                io.Mask.Output(display_name="face_mask"),
+                io.Image.Output(display_name="preview"),
+                io.String.Output(display_name="report"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, face_encoder, images, select, face_index, on_no_face, det_threshold) -> io.NodeOutput:
+        analysis = face_encoder.analyze(images, select=select, face_index=face_index,
+                                        on_no_face=on_no_face, det_threshold=det_threshold)
+        print(analysis.report, flush=True)
+        return io.NodeOutput(analysis.identity, analysis.masks(), uint8_to_comfy(analysis.previews),
+                             analysis.report)
+
+
+NODES = [LoadFaceEncoder, AnalyzeFaces]

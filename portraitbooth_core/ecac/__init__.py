@@ -1,0 +1,13 @@
+"""ECAC, emotion-aware cross-attention control (PortraitBooth §3.3).
+
+Owns everything that reads or edits cross-attention:
+  dispatch          `Attn2Dispatcher`: one attn2 replace slot that several patches share
+                    (IPAdapter-compatible `.add()`), `attention_probs`, `apply_probs`
+  layers            `cross_attention_layers`, `select_layers`, `install_on_layers`
+  attention         `comfy_attention`: ComfyUI's attention, looked up per call (nodes and training)
+  capture           `AttentionCapture`, `AttentionStore`: per-word maps, differentiable for training
+  control           `ExpressionControl`, `ControlSettings`: the inference-time edit inside the face
+  loss              `localization_loss`, `loss_from_capture`, `ECACSettings`: L_loc of training
+  expression_words  `find_expression_tokens`: where the emotion words sit in a prompt
+  preview           `overlay_maps`: captured maps over images
+"""

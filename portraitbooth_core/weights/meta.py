@@ -1,0 +1,152 @@
+"""What a PortraitBooth weight file says about itself, and the errors loading can raise.
+
+The metadata lives in the safetensors header under "portraitbooth" as one JSON object,
+so it can be read (and a wrong file rejected) without touching any tensor.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from ..stea.class_words import DEFAULT_CLASS_WORDS
+from ..ecac.expression_words import EMOTIONS
+from ..stea.projector import ProjectorConfig
+
+FORMAT_VERSION = 1
+METADATA_KEY = "portraitbooth"
+PROJECTOR_PREFIX = "stea."
+# The 11 ECAC emotion categories, from the one table nodes and training share.
+DEFAULT_EMOTION_WORDS = tuple(EMOTIONS)
+
+
+class WeightFileError(ValueError):
+    """Base of every problem with a PortraitBooth weight file."""
+
+
+class NotPortraitBoothFileError(WeightFileError):
+    pass
+
+
+class CorruptWeightFileError(WeightFileError):
+    pass
+
+
+class MissingKeysError(WeightFileError):
+    pass
+
+
+class NewerFormatError(WeightFileError):
+    pass
+
+
+class WrongBaseModelError(WeightFileError):
+    pass
+
+
+class EmbeddingMismatchError(WeightFileError):
+    pass
+
+
+@dataclass(frozen=True)
+class FaceEncoderSpec:
+    """The face recognizer whose embeddings the projector was trained on."""
+
+    kind: str          # portraitbooth_core.face Identity.kind, e.g. "arcface:antelopev2/glintr100.onnx"
+    dim: int
+    feature: str = "final"  # which recognizer output: the final normalized embedding
+
+    @property
+    def family(self) -> str:
+        return self.kind.split(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class PortraitBoothInfo:
+    projector: ProjectorConfig
+    face_encoder: FaceEncoderSpec
+    class_words: tuple[str, ...] = DEFAULT_CLASS_WORDS
+    emotion_words: tuple[str, ...] = DEFAULT_EMOTION_WORDS
+    training: dict = field(default_factory=dict)
+    unet_patch: dict = field(default_factory=lambda: {"format": "none", "tensors": 0})
+    base: str = "sd15"
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "format_version": self.format_version,
+            "base": self.base,
+            "face_encoder": {"kind": self.face_encoder.kind, "dim": self.face_encoder.dim,
+                             "feature": self.face_encoder.feature},
+            "projector": self.projector.to_dict(),
+            "class_words": list(self.class_words),
+            "emotion_words": list(self.emotion_words),
+            "unet_patch": self.unet_patch,
+            "training": self.training,
+        }, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> "PortraitBoothInfo":
+        """Parse and validate; the format version is checked before anything else so a
+        newer file says "upgrade" instead of failing on a field it renamed."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CorruptWeightFileError(f"{source}: its PortraitBooth metadata is not valid JSON ({exc}).") from None
+        if not isinstance(data, dict):
+            raise CorruptWeightFileError(f"{source}: its PortraitBooth metadata is not a JSON object.")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version < 1:
+            raise CorruptWeightFileError(f"{source}: format_version is {version!r}, expected a positive integer.")
+        if version > FORMAT_VERSION:
+            raise NewerFormatError(
+                f"{source} uses PortraitBooth file format {version}, but this node pack reads only up to "
+                f"format {FORMAT_VERSION}. Update the PortraitBooth node pack (ComfyUI Manager or git pull).")
+        base = str(data.get("base", ""))
+        if base != "sd15":
+            raise WrongBaseModelError(
+                f"{source} was made for base model '{base or 'unknown'}', but PortraitBooth works with "
+                f"Stable Diffusion 1.5 only. Use a PortraitBooth file trained on SD1.5.")
+        try:
+            face = data["face_encoder"]
+            info = cls(
+                projector=ProjectorConfig.from_dict(data["projector"]),
+                face_encoder=FaceEncoderSpec(str(face["kind"]), int(face["dim"]), str(face.get("feature", "final"))),
+                class_words=tuple(str(w) for w in data["class_words"]),
+                emotion_words=tuple(str(w) for w in data.get("emotion_words", DEFAULT_EMOTION_WORDS)),
+                training=dict(data.get("training", {})),
+                unet_patch=dict(data.get("unet_patch", {"format": "none", "tensors": 0})),
+                base=base, format_version=version)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptWeightFileError(f"{source}: its PortraitBooth metadata is incomplete or malformed "
+                                         f"(problem with {exc}).") from None
+        if info.face_encoder.dim != info.projector.face_dim:
+            raise CorruptWeightFileError(
+                f"{source}: metadata says the face encoder gives {info.face_encoder.dim}-d embeddings but the "
+                f"projector takes {info.projector.face_dim}-d.")
+        if not info.class_words:
+            raise CorruptWeightFileError(f"{source}: its metadata lists no class words.")
+        return info
+
+
+def check_embedding(info: PortraitBoothInfo, kind: str | None, dim: int | None) -> str | None:
+    """Raise when embeddings of (kind, dim) cannot feed this projector.
+
+    A different dimension or recognizer family (arcface vs dlib) is an error: the
+    projector would read noise. Same family and dimension but another model file (e.g.
+    buffalo_l's w600k_r50 vs antelopev2's glintr100) still runs, so that only returns a
+    warning for the caller to log.
+    """
+    want = info.face_encoder
+    if dim is not None and int(dim) != want.dim:
+        raise EmbeddingMismatchError(
+            f"This PortraitBooth model expects {want.dim}-d face embeddings from '{want.kind}', but the face "
+            f"encoder gives {dim}-d embeddings{f' ({kind})' if kind else ''}. Choose the '{want.kind}' face "
+            f"encoder in the face nodes, or use a PortraitBooth file trained for this encoder.")
+    if kind and kind.split(":", 1)[0] != want.family:
+        raise EmbeddingMismatchError(
+            f"This PortraitBooth model was trained on '{want.kind}' embeddings, but the face embedding comes "
+            f"from '{kind}'. Choose a '{want.family}' face encoder, or a PortraitBooth file trained for it.")
+    if kind and kind != want.kind:
+        return (f"face embeddings come from '{kind}' but this PortraitBooth model was trained on "
+                f"'{want.kind}'; same size, but identity may transfer less well")
+    return None
