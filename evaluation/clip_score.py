@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from portraitbooth_core.ecac.expression_words import WORD_TO_EMOTION
+from portraitbooth_core.vocabulary import WORD_TO_EMOTION
 from portraitbooth_core.optional import require
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+PACK_FOLDER_NAME = "PortraitBooth"  # the folder name servers started from here give the pack
 
 
 def host_dir() -> Path:
@@ -21,6 +22,15 @@ def comfyui_dir() -> Path:
             f"No ComfyUI at {path}. Run `bash scripts/setup_host.sh` first, "
             "or set COMFYUI_PATH to an existing ComfyUI folder.")
     return path.resolve()
+
+
+def installed_pack_name(comfy: Path) -> str | None:
+    """The name of the entry in `comfy`/custom_nodes that is this checkout, if any."""
+    nodes = comfy / "custom_nodes"
+    for entry in sorted(nodes.iterdir()) if nodes.is_dir() else ():
+        if entry.is_dir() and entry.resolve() == REPO:
+            return entry.name
+    return None
 
 
 def photos_dir() -> Path:

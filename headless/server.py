@@ -12,7 +12,7 @@ import urllib.error
 from pathlib import Path
 
 from .client import ComfyClient
-from .comfyui import comfyui_dir
+from .comfyui import PACK_FOLDER_NAME, REPO, comfyui_dir, installed_pack_name
 
 
 def free_port() -> int:
@@ -30,11 +30,16 @@ class ComfyServer:
 
     extra_model_paths: {folder kind: path} added through an extra_model_paths.yaml, so
     tests can point ComfyUI at stand-in models without touching the host's models/.
+    The pack is this checkout: unless ComfyUI's own custom_nodes/ already holds it (a user's
+    install), the server loads it from a custom_nodes folder of its own, so that several
+    checkouts can run servers against one host at once. custom_node_dirs adds more
+    folders of custom node packs (tests load other packs beside this one).
     """
 
     def __init__(self, workdir: str | os.PathLike | None = None, python: str | None = None,
                  extra_model_paths: dict[str, str] | None = None, env: dict | None = None,
-                 cpu: bool = True, extra_args: list[str] | None = None):
+                 cpu: bool = True, extra_args: list[str] | None = None,
+                 custom_node_dirs: list[str | os.PathLike] | None = None):
         self.comfy = comfyui_dir()
         self.python = python or sys.executable
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="pb-comfy-"))
@@ -45,6 +50,8 @@ class ComfyServer:
         self.env = env or {}
         self.cpu = cpu and os.environ.get("PORTRAITBOOTH_TEST_GPU") != "1"
         self.extra_args = extra_args or []
+        self.custom_node_dirs = [Path(d) for d in custom_node_dirs or []]
+        self.pack_name = installed_pack_name(self.comfy) or PACK_FOLDER_NAME
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
         self.client: ComfyClient | None = None
@@ -65,9 +72,20 @@ class ComfyServer:
                 "--temp-directory", str(self.workdir), *self.extra_args]
         if self.cpu:
             args.append("--cpu")
-        if self.extra_model_paths:
+        node_dirs = list(self.custom_node_dirs)
+        if installed_pack_name(self.comfy) is None:
+            own = self.workdir / "custom_nodes"
+            own.mkdir(exist_ok=True)
+            link = own / self.pack_name
+            if not link.is_symlink():
+                link.symlink_to(REPO, target_is_directory=True)
+            node_dirs.insert(0, own)
+        paths = {**self.extra_model_paths}
+        if node_dirs:
+            paths["custom_nodes"] = "|\n" + "".join(f"        {d}\n" for d in node_dirs)
+        if paths:
             cfg = self.workdir / "extra_model_paths.yaml"
-            lines = ["portraitbooth_tests:"] + [f"    {k}: {v}" for k, v in self.extra_model_paths.items()]
+            lines = ["portraitbooth_tests:"] + [f"    {k}: {v}" for k, v in paths.items()]
             cfg.write_text("\n".join(lines) + "\n")
             args += ["--extra-model-paths-config", str(cfg)]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),

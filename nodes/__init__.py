@@ -2,6 +2,7 @@
 
 One module per node family, named after it; each exports `NODES`, the classes it registers:
   face_analysis  Load FaceEncoder, Analyze Faces       identity     Mix Identities
+  clip_identity  CLIP Vision Identity (FastComposer's subject embedding)
   stea           Load PortraitBooth Model, Apply STEA   ecac         ECAC Attention Patch, Attention Map Preview
   regions        PortraitBooth Region, Multi-Subject Region Sampler
   scoring        Identity Score                         dip_trainer  DIP Trainer
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import dip_trainer, ecac, face_analysis, identity, regions, scoring, stea
+from . import clip_identity, dip_trainer, ecac, face_analysis, identity, regions, scoring, stea
 
 CATEGORY = "PortraitBooth"
 
@@ -20,4 +21,4 @@ CATEGORY = "PortraitBooth"
 class PortraitBoothExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [*face_analysis.NODES, *identity.NODES, *stea.NODES, *ecac.NODES, *regions.NODES, *scoring.NODES,
-                *dip_trainer.NODES]
+                *dip_trainer.NODES, *clip_identity.NODES]

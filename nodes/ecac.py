@@ -1,11 +1,12 @@
 """ECAC nodes: ECAC Attention Patch (expression control + map capture) and Attention
 Map Preview. ComfyUI glue only; the math is in portraitbooth_core.
 
-The patch finds the identity and expression words by BPE ids in the prompt text (the
-same text as the positive prompt), or takes the identity positions that Apply STEA
-Conditioning stores in its CONDITIONING (cond dict "portraitbooth" -> "class_positions")
-when that is connected. The capture store rides in model_options, so the preview node,
-given the same MODEL after the sampler ran, shows what that sampler's run attended to.
+The patch takes the identity and expression positions that Apply STEA Conditioning
+stores in its CONDITIONING (a `contracts.STEAEntry`; expression words as the model lists
+them) when that is connected; otherwise it finds the words by BPE ids in the prompt text
+(the same text as the positive prompt) with the whole vocabulary. The capture store
+rides in model_options, so the preview node, given the same MODEL after the sampler
+ran, shows what that sampler's run attended to.
 """
 from __future__ import annotations
 
@@ -20,8 +21,12 @@ from portraitbooth_core.ecac.capture import AttentionCapture, AttentionStore
 from portraitbooth_core.ecac.control import ControlSettings, ExpressionControl
 from portraitbooth_core.ecac.preview import overlay_maps
 from portraitbooth_core.stea.class_words import parse_words, tokenizer_words
-from portraitbooth_core.ecac.expression_words import find_expression_tokens, find_word_tokens
+from portraitbooth_core.ecac.expression_words import TokenMatch, matches
+from portraitbooth_core.vocabulary import DEFAULT_CLASS_WORDS, expression_words
 from portraitbooth_core.ecac.layers import cross_attention_layers, install_on_layers, select_layers
+
+from .contracts import read_stea
+from .paths import checked_inputs, validate_widget_inputs
 
 log = logging.getLogger("portraitbooth")
 CATEGORY = "PortraitBooth/ecac"
@@ -30,26 +35,38 @@ CLIP_KEY = "l"
 LAYER_CHOICES = {"16x16 layers (recommended)": "mid", "all cross-attention layers": "all"}
 
 
-def comfy_attention(q, k, v, heads, **kwargs):
-    # Looked up per call: ComfyUI picks optimized_attention at start-up (and from flags).
-    import comfy.ldm.modules.attention as attention
-
-    return attention.optimized_attention(q, k, v, heads, **kwargs)
-
-
-def prompt_positions(clip, text: str, identity_words: Sequence[str]) -> tuple[list, list]:
-    """(identity matches, expression matches) of `text` under this CLIP's tokenizer."""
-    words = tokenizer_words(clip.tokenizer, CLIP_KEY)
+def prompt_positions(clip, text: str, identity_words: Sequence[str],
+                     emotion_words: Sequence[str] | None = None) -> tuple[list[TokenMatch], list[TokenMatch]]:
+    """(identity matches, expression matches) of `text` under this CLIP's tokenizer.
+    emotion_words: a model's list (categories or single words); None: the whole vocabulary."""
+    words = tokenizer_words(clip.tokenizer, CLIP_KEY)  # caches a matcher per word list
     chunks = clip.tokenize(text)[CLIP_KEY]
-    return (find_word_tokens(chunks, identity_words, words.ids_of, words.ends_word, words.special),
-            find_expression_tokens(chunks, words.ids_of, words.ends_word, words.special))
+    identity_words = [w for w in identity_words if w.strip()]
+    return (matches(words.matcher(identity_words), chunks) if identity_words else [],
+            matches(words.matcher(expression_words(emotion_words)), chunks))
 
 
-def stea_class_positions(conditioning) -> list[int] | None:
-    if not conditioning:
-        return None
-    positions = conditioning[0][1].get("portraitbooth", {}).get("class_positions")
-    return [int(p) for p in positions] if positions else None
+def word_positions(clip, text: str, identity_words: Sequence[str], stea_conditioning=None
+                   ) -> tuple[list[int], list[int], dict[str, list[int]]]:
+    """(identity positions, expression positions, capture labels) for the patch.
+
+    From Apply STEA's entry when the conditioning has one (no tokenizing: Apply STEA
+    found them, with the model's emotion words); else from `text` with the vocabulary."""
+    entry = read_stea(stea_conditioning)
+    if entry is not None and entry.class_positions:
+        identity, labels = list(entry.class_positions), {"identity": list(entry.class_positions)}
+        for word, positions in entry.expression_labels().items():
+            labels.setdefault(word, []).extend(positions)
+        return identity, list(entry.expression_positions), labels
+    if stea_conditioning:
+        log.warning("ECAC: stea_conditioning carries no Apply STEA Conditioning output; finding the words in "
+                    "the text input instead.")
+    id_hits, expr_hits = prompt_positions(clip, text, identity_words)
+    identity = [h.position for h in id_hits]
+    labels = {" + ".join(dict.fromkeys(h.word for h in id_hits)): identity} if identity else {}
+    for hit in expr_hits:
+        labels.setdefault(hit.word, []).append(hit.position)
+    return identity, [h.position for h in expr_hits], labels
 
 
 def apply_ecac(model, identity: Sequence[int], expression: Sequence[int], labels: dict[str, list[int]],
@@ -66,11 +83,11 @@ def apply_ecac(model, identity: Sequence[int], expression: Sequence[int], labels
     store = None
     if settings.strength > 0:
         control = ExpressionControl(identity, expression, settings, mask)
-        install_on_layers(attn2, chosen, lambda _l: control, comfy_attention)
+        install_on_layers(attn2, chosen, lambda _l: control)
     if capture and labels:
         store = AttentionStore(list(labels))
         hook = AttentionCapture(labels, store)
-        install_on_layers(attn2, chosen, lambda _l: hook, comfy_attention)
+        install_on_layers(attn2, chosen, lambda _l: hook)
         patched.model_options[STORE_KEY] = store
     return patched, store
 
@@ -88,12 +105,14 @@ class ECACAttentionPatch(io.ComfyNode):
                         "Works beside IPAdapter-style patches on the same model.",
             inputs=[
                 io.Model.Input("model"),
-                io.Clip.Input("clip", tooltip="The CLIP that encodes the prompt; used only to find the words."),
+                io.Clip.Input("clip", tooltip="The CLIP that encodes the prompt; used only to find the words "
+                                              "(not used when stea_conditioning is connected)."),
                 io.String.Input("text", multiline=True, default="a photo of a smiling woman",
-                                tooltip="The positive prompt, as given to the text encoder."),
-                io.String.Input("identity_words", default="man, woman, person, boy, girl",
-                                tooltip="Words that stand for the person (ignored when a STEA conditioning "
-                                        "with class positions is connected)."),
+                                tooltip="The positive prompt, as given to the text encoder (not used when "
+                                        "stea_conditioning is connected: Apply STEA already found the words)."),
+                io.String.Input("identity_words", default=", ".join(DEFAULT_CLASS_WORDS),
+                                tooltip="Words that stand for the person, comma separated (not used when "
+                                        "stea_conditioning is connected)."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.05,
                                tooltip="0 leaves sampling bit-identical to the unpatched model."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01),
@@ -109,29 +128,28 @@ class ECACAttentionPatch(io.ComfyNode):
                               tooltip="Where the face goes. Without it, the identity word's own attention at "
                                       "the previous step decides (from the second step on)."),
                 io.Conditioning.Input("stea_conditioning", optional=True,
-                                      tooltip="Apply STEA Conditioning's output: its class-word positions "
-                                              "are the identity tokens."),
+                                      tooltip="Apply STEA Conditioning's output: its class-word positions are "
+                                              "the identity tokens and its expression words (those the "
+                                              "PortraitBooth model lists) are the ones steered toward."),
             ],
             outputs=[io.Model.Output()],
         )
 
+    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
+
     @classmethod
+    @checked_inputs
     def execute(cls, model, clip, text, identity_words, strength, start_percent, end_percent, beta, gamma,
                 layers, capture_maps, face_mask=None, stea_conditioning=None) -> io.NodeOutput:
-        id_hits, expr_hits = prompt_positions(clip, text, parse_words(identity_words))
-        identity = stea_class_positions(stea_conditioning) or [h.position for h in id_hits]
-        expression = [h.position for h in expr_hits]
+        if face_mask is not None:
+            _check_face_mask(face_mask)
+        identity, expression, labels = word_positions(clip, text, parse_words(identity_words), stea_conditioning)
         if not identity:
             log.warning("ECAC: no identity word (%s) in the prompt; only expression words are steered.",
                         identity_words)
         if not expression:
             log.warning("ECAC: the prompt has no expression word (e.g. smiling, sad, angry); nothing to steer "
                         "toward, the identity cap still applies.")
-        labels: dict[str, list[int]] = {}
-        if identity:
-            labels[" + ".join(dict.fromkeys(h.word for h in id_hits)) or "identity"] = identity
-        for hit in expr_hits:
-            labels.setdefault(hit.word, []).append(hit.position)
         sampling = model.get_model_object("model_sampling")
         settings = ControlSettings(strength=strength, beta=beta, gamma=gamma,
                                    sigma_start=sampling.percent_to_sigma(start_percent),
@@ -139,6 +157,17 @@ class ECACAttentionPatch(io.ComfyNode):
         patched, _ = apply_ecac(model, identity, expression, labels, settings, face_mask,
                                 LAYER_CHOICES[layers], capture_maps)
         return io.NodeOutput(patched)
+
+
+def _check_face_mask(mask: torch.Tensor) -> None:
+    """The same rule as the region sampler's masks: an empty mask would silently steer nothing."""
+    from portraitbooth_core.regions.layout import EMPTY, emptiness
+
+    peak = float(mask.detach().float().max()) if mask.numel() else 0.0
+    if not peak >= EMPTY:  # also NaN
+        raise ValueError(f"face_mask is {emptiness(peak) if peak == peak else 'not a number (NaN)'}: paint where "
+                         f"the face is, or leave face_mask unconnected to let the identity word's own attention "
+                         f"find the face.")
 
 
 def _label(images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
@@ -173,7 +202,10 @@ class AttentionMapPreview(io.ComfyNode):
             outputs=[io.Image.Output(tooltip="One overlay per image and word, the word written on it.")],
         )
 
+    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
+
     @classmethod
+    @checked_inputs
     def execute(cls, model, image, opacity) -> io.NodeOutput:
         store = model.model_options.get(STORE_KEY)
         if store is None:

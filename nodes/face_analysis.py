@@ -8,9 +8,10 @@ import folder_paths
 from comfy_api.latest import io
 
 from portraitbooth_core.face import (DETECTORS, NO_FACE_ACTIONS, PROVIDER_CHOICES, RECOGNIZERS, SELECT_RULES,
-                                     build_encoder, find_packs, find_parsing_weights, uint8_to_comfy)
+                                     PackError, build_encoder, find_packs, find_parsing_weights, uint8_to_comfy)
 
 from .contracts import FaceEmbedding, FaceEncoder
+from .paths import checked_inputs, validate_widget_inputs
 
 CATEGORY = "PortraitBooth/face"
 NO_PACK = "none (zero-download RetinaFace)"
@@ -55,13 +56,21 @@ class LoadFaceEncoder(io.ComfyNode):
             outputs=[FaceEncoder.Output(display_name="face_encoder")],
         )
 
+    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
+
     @classmethod
+    @checked_inputs
     def execute(cls, pack, detector, recognizer, provider, det_size, mask_ears, mask_hair, mask_neck) -> io.NodeOutput:
         pack_dir = None
         if pack != NO_PACK:
+            # Only a pack of the list (checked_inputs refused any other value): the name is never
+            # turned into a path, so a graph cannot point this node at another folder or learn
+            # whether one exists.
             packs = _packs()
-            roots = [os.path.join(p, "models", pack) for p in folder_paths.get_folder_paths("insightface")]
-            pack_dir = packs.get(pack, roots[0])  # a vanished pack gets load_pack's "not found" message
+            if pack not in packs:
+                raise PackError(f"pack: '{pack}' is no longer in the insightface folder (listed: "
+                                f"{', '.join([NO_PACK, *packs])}); refresh the node list and pick again.")
+            pack_dir = packs[pack]
         folders = folder_paths.get_folder_paths("facexlib")
         encoder = build_encoder(pack_dir, detector, recognizer, provider, det_size,
                                 parsing_weights=find_parsing_weights(folders),
@@ -100,7 +109,10 @@ class AnalyzeFaces(io.ComfyNode):
             ],
         )
 
+    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
+
     @classmethod
+    @checked_inputs
     def execute(cls, face_encoder, images, select, face_index, on_no_face, det_threshold) -> io.NodeOutput:
         analysis = face_encoder.analyze(images, select=select, face_index=face_index,
                                         on_no_face=on_no_face, det_threshold=det_threshold)

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 from portraitbooth_core.face import mix_identities
 
 from .contracts import FaceEmbedding
+from .paths import checked_inputs, validate_widget_inputs
 
 CATEGORY = "PortraitBooth/face"
 
@@ -30,7 +31,10 @@ class MixIdentities(io.ComfyNode):
             outputs=[FaceEmbedding.Output(display_name="face_embedding")],
         )
 
+    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
+
     @classmethod
+    @checked_inputs
     def execute(cls, identity_a, identity_b, weight) -> io.NodeOutput:
         return io.NodeOutput(mix_identities(identity_a, identity_b, weight))
 

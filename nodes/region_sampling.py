@@ -1,6 +1,6 @@
 """ComfyUI glue of the Multi-Subject Region Sampler: conditionings in, a sampled LATENT out.
 
-The math is portraitbooth_core's (regions, regional_attention, multidiffusion); this
+The math is portraitbooth_core.regions' (layout, attention, multidiffusion); this
 module reads CONDITIONING lists, patches a model clone and drives ComfyUI's own
 sampler objects (sigmas, noise, progress bar, previews) the way KSampler does.
 """
@@ -12,14 +12,14 @@ from dataclasses import dataclass
 import torch
 
 from portraitbooth_core.regions.multidiffusion import active_paths, fuse
+from portraitbooth_core.weights.family import family_label, model_context_dim
 from portraitbooth_core.regions.attention import RegionalAttention, TokenGroup, extend_context
 from portraitbooth_core.regions.layout import Layout, Placement, RegionError, layout
 from portraitbooth_core.ecac.layers import cross_attention_layers, install_on_layers
 
-from .ecac import comfy_attention
+from .contracts import identity_item, read_stea
 
 log = logging.getLogger("portraitbooth")
-FAMILY_BY_DIM = {768: "SD1.5", 1024: "SD2", 2048: "SDXL", 4096: "SD3/Flux"}
 MODES = ("regional attention", "multidiffusion")
 
 
@@ -39,16 +39,17 @@ def conditioning_family(conditioning: list, what: str) -> tuple[int, str]:
     if len(dims) > 1:
         raise RegionError(f"{what} mixes conditionings of different base models ({sorted(dims)} channels)")
     dim = dims.pop()
-    stea = next((d["portraitbooth"].get("base") for _, d in conditioning if "portraitbooth" in d), None)
-    return dim, FAMILY_BY_DIM.get(dim, f"{dim}-channel") if stea in (None, "sd15") else stea
+    entry = read_stea(conditioning)
+    stea = entry.base if entry is not None else None
+    return dim, family_label(dim) if stea in (None, "sd15") else stea
 
 
 def check_same_base(items: list[tuple[str, list]], model=None) -> None:
     """All conditionings (and the model, when given) from one base model, else say which differs."""
     seen = [(what, *conditioning_family(cond, what)) for what, cond in items]
     if model is not None:
-        dim = model.model.model_config.unet_config.get("context_dim")
-        seen.insert(0, ("the MODEL", dim, FAMILY_BY_DIM.get(dim, f"{dim}-channel")))
+        dim = model_context_dim(model)
+        seen.insert(0, ("the MODEL", dim, family_label(dim)))
     first = seen[0]
     for what, dim, family in seen[1:]:
         if dim != first[1]:
@@ -57,12 +58,11 @@ def check_same_base(items: list[tuple[str, list]], model=None) -> None:
                               f"same checkpoint as the MODEL.")
 
 
-def identity_entry(conditioning: list) -> tuple[torch.Tensor, dict] | None:
-    """The first entry that Apply STEA Conditioning marked with its class-token positions."""
-    for cond, extra in conditioning:
-        if extra.get("portraitbooth", {}).get("class_positions"):
-            return cond, extra
-    return None
+def identity_entry(conditioning: list) -> tuple[torch.Tensor, dict, list[int]] | None:
+    """(tensor, extra, class-token positions) of the first item Apply STEA Conditioning
+    marked with its identities (`contracts.STEAEntry`), or None."""
+    item = identity_item(conditioning)
+    return None if item is None else (item[0], item[1], list(item[2].class_positions))
 
 
 def region_layout(regions: list[Region], latent: torch.Tensor, feather: float) -> Layout:
@@ -79,7 +79,7 @@ def check_class_words(positive: list, regions: list[Region]) -> list[int]:
     entry = identity_entry(positive)
     if entry is None:
         return []
-    positions = [int(p) for p in entry[1]["portraitbooth"]["class_positions"]]
+    positions = entry[2]
     if len(regions) > len(positions):
         raise RegionError(f"{len(regions)} regions (faces) but the global positive names only {len(positions)} "
                           f"subject class word(s): write one class word per subject (e.g. 'a man and a man'); "
@@ -101,8 +101,8 @@ def regional_attention(model, positive: list, regions: list[Region], shares: tor
         if entry is None:
             raise RegionError(f"{region.label}'s conditioning has no identity token: make it with Apply STEA "
                               f"Conditioning (a face + a class word), or use mode 'multidiffusion'.")
-        cond, extra = entry
-        tokens.append(cond[:, [int(p) for p in extra["portraitbooth"]["class_positions"]]])
+        cond, extra, identity_positions = entry
+        tokens.append(cond[:, identity_positions])
         windows.append((sampling.percent_to_sigma(extra.get("start_percent", 0.0)),
                         sampling.percent_to_sigma(extra.get("end_percent", 1.0))))
     extended = []
@@ -117,7 +117,7 @@ def regional_attention(model, positive: list, regions: list[Region], shares: tor
     attn2 = (patched.model_options.setdefault("transformer_options", {})
              .setdefault("patches_replace", {}).setdefault("attn2", {}))
     install_on_layers(attn2, cross_attention_layers(patched.get_model_object("diffusion_model")),
-                      lambda _layer: hook, comfy_attention)
+                      lambda _layer: hook)
     return patched, extended
 
 

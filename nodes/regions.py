@@ -1,6 +1,6 @@
 """Region nodes: PortraitBooth Region (a subject's conditioning + where it goes) and the
 Multi-Subject Region Sampler. ComfyUI glue only; see nodes/region_sampling.py and
-portraitbooth_core.regions.layout / regional_attention / multidiffusion for the work.
+portraitbooth_core.regions (layout, attention, multidiffusion) for the work.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from comfy_api.latest import io
 
 from portraitbooth_core.regions.layout import Box
 
+from .paths import checked_inputs, validate_widget_inputs
 from .region_sampling import MODES, Region, check_same_base, sample_regions
 
 CATEGORY = "PortraitBooth/regions"
@@ -51,7 +52,10 @@ class PortraitBoothRegion(io.ComfyNode):
             outputs=[Regions.Output(display_name="REGIONS", tooltip="The region list, this subject last.")],
         )
 
+    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
+
     @classmethod
+    @checked_inputs
     def execute(cls, conditioning, weight, box_x, box_y, box_width, box_height, mask=None,
                 previous=None) -> io.NodeOutput:
         regions = list(previous or [])
@@ -108,7 +112,10 @@ class MultiSubjectRegionSampler(io.ComfyNode):
             outputs=[io.Latent.Output(display_name="LATENT")],
         )
 
+    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
+
     @classmethod
+    @checked_inputs
     def execute(cls, model, positive, negative, regions, latent_image, seed, steps, cfg, sampler_name,
                 scheduler, denoise, mode, feather=0.15) -> io.NodeOutput:
         return io.NodeOutput(sample_regions(model, positive, negative, list(regions or []), latent_image, seed,

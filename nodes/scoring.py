@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from portraitbooth_core.scoring.identity_score import IdentityScorer, format_report, ranking
 
 from .contracts import FaceEmbedding, FaceEncoder
+from .paths import checked_inputs, validate_widget_inputs
 
 CATEGORY = "PortraitBooth/evaluate"
 
@@ -44,19 +45,56 @@ class IdentityScore(io.ComfyNode):
             ],
         )
 
+    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
+
     @classmethod
+    @checked_inputs
     def execute(cls, face_encoder, reference, images, sort, det_threshold, reference_2=None) -> io.NodeOutput:
         refs = [reference] if reference_2 is None else [reference, reference_2]
         scores = IdentityScorer(face_encoder, refs, det_threshold).score_images(images)
         order = ranking(scores) if sort else list(range(len(scores)))
         names = [f"image {i}" for i in range(len(scores))]
-        lines = [format_report([scores[i]], names) for i in order]
+        threshold, note = same_person_threshold(face_encoder)
+        # "no face found" lines already say it all; the others get the verdict
+        lines = [format_report([scores[i]], names) + (f" -> {verdict(scores[i], threshold)}"
+                                                      if scores[i].faces else "") for i in order]
         header = (f"Identity Score ({face_encoder.kind}), " + ("best first" if sort else "in batch order")
                   + f"; mean {sum(s.score for s in scores) / max(len(scores), 1):.3f}")
-        report = "\n".join([header, *lines])
+        rule = (f"same person when cos >= {threshold:.2f} ({note})" if threshold is not None
+                else f"no same-person threshold known for {face_encoder.kind}: compare scores only")
+        report = "\n".join([header, *lines, rule])
         print(report, flush=True)
         out = images[torch.tensor(order, dtype=torch.long)] if sort else images
         return io.NodeOutput(out, [scores[i].score for i in order], list(order), report)
+
+
+def same_person_threshold(face_encoder) -> tuple[float | None, str]:
+    """The cosine above which this recognizer's two embeddings count as one person, and where
+    that number comes from: a bare cosine means different things for different recognizers
+    (two different people score about 0.8 with dlib, under 0.3 with ArcFace)."""
+    recognizer = getattr(face_encoder, "recognizer", None)
+    threshold = getattr(recognizer, "same_person_cosine", None)
+    kind = str(getattr(face_encoder, "kind", ""))
+    if threshold is None:
+        return None, ""
+    if kind.startswith("dlib"):
+        return float(threshold), ("dlib documents L2 0.6 between descriptors as the same-person limit; its "
+                                  "descriptors have norm ~1.39, so that is cos ~0.9")
+    if kind.startswith("arcface"):
+        return float(threshold), ("a usual ArcFace verification threshold: one person mostly scores 0.4-0.8, "
+                                  "two people mostly below 0.3")
+    return float(threshold), "the recognizer's own threshold"
+
+
+def verdict(score, threshold: float | None) -> str:
+    if not score.face_found:
+        return "no face"
+    if threshold is None:
+        return "no verdict"
+    cosines = [s.cosine for s in score.subjects]
+    if any(c is None for c in cosines):
+        return "not every subject found"
+    return "same person" if min(cosines) >= threshold else "not the same person"
 
 
 NODES = [IdentityScore]

@@ -10,10 +10,12 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
+from portraitbooth_core.weights.family import model_context_dim, require_sd15
 from portraitbooth_core.weights.file import PortraitBoothModel, load_portraitbooth
 
-from .stea_encode import as_identities, encode_with_identity
 from .contracts import FaceEmbedding, Projector
+from .paths import checked_inputs, validate_widget_inputs
+from .stea_encode import as_identities, encode_with_identity
 
 CATEGORY = "PortraitBooth/identity"
 FOLDER = "portraitbooth"
@@ -46,10 +48,6 @@ def apply_unet_patch(model, patch: dict, strength: float):
 
     if not patch or strength == 0:
         return model
-    context = model.model.model_config.unet_config.get("context_dim")
-    if context != 768:
-        raise ValueError(f"MODEL is not Stable Diffusion 1.5 (text context {context}, SD1.5 has 768); "
-                         f"PortraitBooth patches only SD1.5 UNets.")
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(patch)), key_map, log_missing=False)
     patched = model.clone()
@@ -62,6 +60,8 @@ def apply_unet_patch(model, patch: dict, strength: float):
 
 
 class LoadPortraitBoothModel(io.ComfyNode):
+    FILE_COMBOS = {"portraitbooth_name": (FOLDER, "PortraitBooth .safetensors")}
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
@@ -82,13 +82,19 @@ class LoadPortraitBoothModel(io.ComfyNode):
             outputs=[io.Model.Output(display_name="MODEL"), Projector.Output(display_name="projector")],
         )
 
+    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
+
     @classmethod
+    @checked_inputs
     def execute(cls, model, portraitbooth_name, strength) -> io.NodeOutput:
         path = folder_paths.get_full_path(FOLDER, portraitbooth_name) if portraitbooth_name else None
         if path is None:
             folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
             raise FileNotFoundError(f"PortraitBooth file {portraitbooth_name!r} not found; put PortraitBooth "
                                     f".safetensors files in {folders}.")
+        # Checked for projector-only files too: the projector's token is SD1.5's, and an SD2
+        # MODEL would otherwise fail later in KSampler with a bare shape error.
+        require_sd15(model_context_dim(model), "the MODEL input", "connect the MODEL of an SD1.5 checkpoint")
         pb = load_cached(path)
         return io.NodeOutput(apply_unet_patch(model, pb.unet_patch, strength), pb)
 
@@ -108,8 +114,9 @@ class ApplySTEAConditioning(io.ComfyNode):
             inputs=[
                 io.Clip.Input("clip", tooltip="The SD1.5 CLIP text encoder."),
                 Projector.Input("projector", tooltip="From Load PortraitBooth Model."),
-                FaceEmbedding.Input("face", tooltip="Identity of the first subject (from Analyze Faces); "
-                                                    "a list of identities counts as several subjects."),
+                FaceEmbedding.Input("face", tooltip="Identity of the first subject (from Analyze Faces; for a "
+                                                    "FastComposer file, from CLIP Vision Identity); a list of "
+                                                    "identities counts as several subjects."),
                 io.String.Input("text", multiline=True, dynamic_prompts=True, default="a photo of a man, portrait",
                                 tooltip="The prompt. It must contain a class word (man, woman, person, ...) per "
                                         "subject; weights like (man:1.2) and long prompts work."),
@@ -131,7 +138,10 @@ class ApplySTEAConditioning(io.ComfyNode):
             outputs=[io.Conditioning.Output(display_name="CONDITIONING")],
         )
 
+    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
+
     @classmethod
+    @checked_inputs
     def execute(cls, clip, projector, face, text, class_word, occurrence, strength, start_percent,
                 end_percent, face_2=None, face_3=None, face_4=None) -> io.NodeOutput:
         if not isinstance(projector, PortraitBoothModel):

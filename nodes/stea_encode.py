@@ -2,7 +2,8 @@
 
 The math (class-word matching, projector, splice) lives in portraitbooth_core; this
 module only reads tokens and encodings from ComfyUI's CLIP the way CLIPTextEncode does,
-so every token but the class words is bit-identical to CLIPTextEncode's output.
+so every token but the class words is bit-identical to CLIPTextEncode's output. What it
+found (class and expression positions) goes into the output as a `contracts.STEAEntry`.
 """
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ import torch
 
 from portraitbooth_core.stea.class_words import (ClassWordError, ClassWordMatcher, parse_words, select_subjects,
                                              tokenizer_words)
+from portraitbooth_core.ecac.expression_words import matches
 from portraitbooth_core.face.types import Identity
 from portraitbooth_core.stea.projector import splice_identity
 from portraitbooth_core.weights.file import PortraitBoothModel
 from portraitbooth_core.weights.meta import check_embedding
+from portraitbooth_core.vocabulary import expression_words
+
+from .contracts import STEAEntry, write_stea
 
 log = logging.getLogger("portraitbooth")
 CLIP_KEY = "l"  # SD1.5 has one text encoder, CLIP-L, under tokenizer key "l"
@@ -78,7 +83,8 @@ def encode_with_identity(clip, text: str, identities: Sequence[Identity], model:
     if set(tokens) != {CLIP_KEY}:
         raise ValueError(f"Apply STEA Conditioning works with SD1.5's CLIP-L text encoder; this CLIP has "
                          f"text encoders {', '.join(sorted(tokens))}.")
-    matcher = clip_matcher(clip, info.class_words)
+    # The class words plus the synonyms its training captions used ("boy" for "man").
+    matcher = clip_matcher(clip, info.accepted_words)
     words = parse_words(class_word)
     hits = select_subjects(matcher.find(tokens[CLIP_KEY]), len(identities), matcher.words, words, occurrence)
     positions = [h.position for h in hits]
@@ -88,15 +94,19 @@ def encode_with_identity(clip, text: str, identities: Sequence[Identity], model:
     text_conds = clip.encode_from_tokens_scheduled(tokens)
     # A weighted class word ("(man:1.2)") must feed the projector its unweighted CLIP output.
     raw_conds = clip.encode_from_tokens_scheduled(_unit_weights(tokens)) if any(w != 1.0 for w in weights) else None
-    # Readers downstream (ECAC, regions) need to know which tokens carry the identities;
+    # Readers downstream (ECAC, regions) need to know which tokens carry the identities and
+    # the expressions (found with the model's own emotion words), so they never re-tokenize;
     # only the identity entries get it, the plain-text ranges below do not.
-    stea_info = {"class_positions": list(positions), "base": info.base}
+    expressions = matches(clip_matcher(clip, expression_words(info.emotion_words)), tokens[CLIP_KEY])
+    entry = STEAEntry(base=info.base, class_positions=tuple(positions),
+                      expression_positions=tuple(m.position for m in expressions),
+                      expression_words=tuple(m.word for m in expressions), emotion_words=info.emotion_words)
     out = []
     for n, (cond, extra) in enumerate(text_conds):
         psi = raw_conds[n][0][:, positions] if raw_conds is not None else None
         with torch.no_grad():
             id_cond = splice_identity(cond, positions, faces, model.projector, strength, psi=psi, weights=weights)
-        id_extra = {**extra, "portraitbooth": dict(stea_info)}
+        id_extra = write_stea(extra, entry)
         if start_percent <= 0.0 and end_percent >= 1.0:
             out.append([id_cond, id_extra])
             continue

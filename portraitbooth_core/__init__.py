@@ -14,6 +14,7 @@ One subpackage per feature; open the one named after what you look for:
   scoring/     identity score of generated images (FastComposer's protocol)
   vocabulary   class words with their synonyms, emotion words with theirs
   optional     optional dependencies, imported when a feature needs them
+  paths        the path policy: what a node or a user-supplied file may point at
 """
 
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds (or reuses) the test host: a real ComfyUI 0.3.75, a venv to run it, this pack
-# linked into its custom_nodes/, Chromium for the UI checks and real face photos.
+# Builds (or reuses) the test host: a real ComfyUI 0.3.75, a venv to run it,
+# Chromium for the UI checks and real face photos.
 # Everything lands in $PORTRAITBOOTH_HOST (default ~/.cache/portraitbooth/host) so that
 # a fresh clone on the same machine reuses it; `.host` in the repo links there.
 # With COMFYUI_PATH set, that ComfyUI and its Python (COMFYUI_PYTHON, default python3)
@@ -66,19 +66,12 @@ if ! stamp_ok pack-reqs "$pack_key-$py"; then
   stamp_set pack-reqs "$pack_key-$py"
 fi
 
-# --- link the pack ---------------------------------------------------------------------
-link="$comfy/custom_nodes/PortraitBooth"
-linked=""
-for d in "$comfy"/custom_nodes/*/; do
-  [ -d "$d" ] && [ "$(cd "$d" && pwd -P)" = "$(cd "$repo" && pwd -P)" ] && linked=$d
+# --- the pack ----------------------------------------------------------------------------
+# Not linked into custom_nodes/: servers started by headless.server load the checkout they
+# run from (so several checkouts can share one host). Links left by older versions go.
+for d in "$comfy"/custom_nodes/*; do
+  [ -L "$d" ] && [ -f "$d/portraitbooth_core/__init__.py" ] && [ -z "${COMFYUI_PATH:-}" ] && rm -f "$d" || true
 done
-if [ -z "$linked" ]; then
-  if [ -e "$link" ] && [ ! -L "$link" ]; then
-    echo "$link exists and is not this checkout; move it away or unset COMFYUI_PATH." >&2; exit 2
-  fi
-  ln -sfn "$repo" "$link"
-  log "linked $repo into $link"
-fi
 
 # --- Chromium for the UI checks -------------------------------------------------------
 if [ ! -x /usr/bin/chromium ]; then

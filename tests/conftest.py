@@ -118,11 +118,8 @@ def pack_nodes() -> dict:
 
 @pytest.fixture(scope="session")
 def pack_folder_name() -> str:
-    """The name under which the pack sits in ComfyUI's custom_nodes/."""
-    for entry in (COMFY_DIR / "custom_nodes").iterdir():
-        if entry.is_dir() and entry.resolve() == REPO:
-            return entry.name
-    pytest.fail(f"The pack is not linked into {COMFY_DIR / 'custom_nodes'}: run scripts/setup_host.sh")
+    """The name under which the test servers load the pack (see headless.server)."""
+    return host.installed_pack_name(COMFY_DIR) or host.PACK_FOLDER_NAME
 
 
 def default_inputs(node_info: dict) -> dict:

@@ -1,6 +1,6 @@
 """Headless Chromium (Debian's) driving the real ComfyUI frontend, through Playwright.
 
-Shared by the browser tests and by `python -m frontend export`, which turns the
+Shared by the browser tests and by `python tests/frontend.py export`, which turns the
 API-format graphs in workflows/api/ into the UI-format templates in workflows/.
 """
 from __future__ import annotations
@@ -41,10 +41,24 @@ def wait_for_node_types(page, node_ids: list[str], timeout_ms: int = 60_000) -> 
                            arg=list(node_ids), timeout=timeout_ms)
 
 
-def api_to_ui(page, api_graph: dict, name: str) -> dict:
-    """Let the frontend itself convert an API-format graph to a UI-format workflow."""
+def api_to_ui(page, api_graph: dict, name: str, note: str | None = None) -> dict:
+    """Let the frontend itself convert an API-format graph to a UI-format workflow.
+
+    note: text of a Note node placed above the graph (Notes are UI-only: an API graph
+    cannot hold one, so it comes from workflows/api/<name>.note.md)."""
     page.evaluate("([g, n]) => window.app.loadApiJson(g, n)", [api_graph, name])
     page.wait_for_timeout(300)
+    if note:
+        page.evaluate("""text => {
+            const nodes = window.app.graph._nodes || window.app.graph.nodes;
+            const note = window.LiteGraph.createNode("Note");
+            note.widgets[0].value = text;
+            note.title = "Read me";
+            note.size = [520, 220];
+            note.pos = [Math.min(...nodes.map(n => n.pos[0])), Math.min(...nodes.map(n => n.pos[1])) - 280];
+            window.app.graph.add(note);
+        }""", note)
+        page.wait_for_timeout(100)
     # graphToPrompt's workflow is what "Save" writes. Go through JSON text: Playwright
     # turns JS `undefined` into null, which the frontend's schema check rejects on load.
     return json.loads(page.evaluate(
@@ -67,8 +81,8 @@ def load_ui_workflow(page, workflow: dict) -> dict:
     return result
 
 
-def export_templates(repo: Path) -> list[Path]:
-    """Write workflows/<name>.json (UI format) for each workflows/api/<name>.json."""
+def export_templates(repo: Path, names: list[str] | None = None) -> list[Path]:
+    """Write workflows/<name>.json (UI format) for each workflows/api/<name>.json (or the named ones)."""
     from headless.comfyui import import_comfyui
     from headless.server import ComfyServer
 
@@ -76,9 +90,12 @@ def export_templates(repo: Path) -> list[Path]:
     written = []
     with ComfyServer() as server, open_frontend(server.url) as page:
         for api_path in sorted((repo / "workflows" / "api").glob("*.json")):
+            if names and api_path.stem not in names:
+                continue
             api_graph = json.loads(api_path.read_text())
             wait_for_node_types(page, sorted({n["class_type"] for n in api_graph.values()}))
-            ui = api_to_ui(page, api_graph, api_path.stem)
+            note = api_path.with_suffix(".note.md")
+            ui = api_to_ui(page, api_graph, api_path.stem, note.read_text().strip() if note.is_file() else None)
             out = repo / "workflows" / api_path.name
             out.write_text(json.dumps(ui, indent=2) + "\n")
             written.append(out)
@@ -86,7 +103,9 @@ def export_templates(repo: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["export"]:
-        sys.exit("usage: python -m frontend export")
-    for path in export_templates(Path(__file__).resolve().parent.parent):
+    if sys.argv[1:2] != ["export"]:
+        sys.exit("usage: python tests/frontend.py export [template name ...]")
+    _repo = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(_repo))
+    for path in export_templates(_repo, sys.argv[2:]):
         print(path)

@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 from conftest import load_pack
-from portraitbooth_core.ecac.expression_words import EMOTIONS, emotion_of, find_expression_tokens, find_word_tokens
+from portraitbooth_core.ecac.expression_words import find_expression_tokens, find_word_tokens
+from portraitbooth_core.vocabulary import EMOTIONS, emotion_of
 
 
 class TokenizerOnlyClip:

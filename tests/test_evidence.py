@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -23,11 +24,19 @@ def evidence(tmp_path_factory) -> dict[str, dict]:
     """Metrics of the four runs of `python -m training.evidence --quick` (seed 0)."""
     out = tmp_path_factory.mktemp("evidence")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "training.evidence", "--quick", "--jobs", "2",
-                           "--work", str(out / "work"), "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
-    assert done.returncode == 0, done.stderr[-3000:]
-    print(done.stdout)  # the table, shown with pytest -s
+    # Its own process group: on a timeout the worker processes go too, not only the parent.
+    proc = subprocess.Popen([sys.executable, "-m", "training.evidence", "--quick", "--jobs", "2",
+                             "--work", str(out / "work"), "--out", str(out)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=1500)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    print(stdout)  # the table, shown with pytest -s
     return json.loads((out / "evidence.json").read_text())["results"]["0"]
 
 

@@ -71,3 +71,77 @@ def test_mix_node_blends_two_embeddings(face_nodes, no_pack_encoder, photos_dir)
     mixed = face_nodes["PortraitBoothMixIdentities"].execute(identity_a=ids[0], identity_b=ids[1], weight=0.25)
     blend = torch.nn.functional.normalize(0.75 * ids[0].vector + 0.25 * ids[1].vector, dim=0)
     torch.testing.assert_close(mixed.result[0].vector, blend)
+
+
+def test_load_face_encoder_pack_is_only_a_listed_pack_never_a_path(face_nodes, insightface_root, monkeypatch):
+    """A graph over HTTP may send any string as `pack`: only the listed names load; another value
+    is an error naming the input and listing the packs, the same whether or not it exists."""
+    import folder_paths
+
+    from portraitbooth_core.paths import BadInputError
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "insightface", ([str(insightface_root)], set()))
+    loader = face_nodes["PortraitBoothLoadFaceEncoder"]
+    args = dict(detector="auto", recognizer="auto", provider="cpu", det_size=320, mask_ears=False, mask_hair=False,
+                mask_neck=False)
+    messages = []
+    for bad in (str(insightface_root / "models" / "standin_r50"), "../../../../etc", "/no/such/folder",
+                "standin_r50/../standin_r50", "standin_r50\x00"):
+        with pytest.raises(BadInputError, match=r"^pack: .* is not one of the choices \(none \(zero-download "
+                                                r"RetinaFace\), .*standin_r50.*\); pick one") as caught:
+            loader.execute(pack=bad, **args)
+        messages.append(str(caught.value).replace(repr(bad), "V"))
+    assert len(set(messages[:3])) == 1  # nothing tells whether the path exists
+    with pytest.raises(BadInputError, match=r"^provider: 'tpu' is not one of the choices"):
+        loader.execute(pack="none (zero-download RetinaFace)", **(args | {"provider": "tpu"}))
+
+
+def test_every_pack_node_checks_combo_text_and_number_inputs_naming_them(pack_nodes):
+    """ComfyUI hands a V3 node an API caller's values unchecked: each node refuses an unlisted
+    combo value, a NUL byte and a non-finite or out-of-range number with the input's name."""
+    import math
+
+    from comfy_api.latest import io
+
+    from portraitbooth_core.paths import BadInputError
+
+    checked = 0
+    for node_id, cls in pack_nodes.items():
+        inputs = cls.define_schema().inputs
+        blank = {spec.id: None for spec in inputs}
+        for spec in inputs:
+            if isinstance(spec, io.Combo.Input):
+                bad_values = ["not-a-choice", "../../../etc/passwd", "x" * 5000]
+            elif isinstance(spec, io.String.Input):
+                bad_values = ["a\x00b"]
+            elif isinstance(spec, (io.Int.Input, io.Float.Input)) and spec.max is not None:
+                bad_values = [spec.max * 10 + 1, -1e308, math.nan] if isinstance(spec, io.Float.Input) \
+                    else [spec.max + 1, -(2**63)]
+            else:
+                continue
+            for value in bad_values:
+                with pytest.raises(BadInputError, match=rf"^{spec.id}: ") as caught:
+                    cls.execute(**(blank | {spec.id: value}))
+                assert len(str(caught.value)) < 5000, f"{node_id}.{spec.id}: the error repeats the whole value"
+                # the same check at queue time (ComfyUI calls validate_inputs before running anything)
+                assert str(cls.validate_inputs(**{spec.id: value})).startswith(f"{spec.id}: ")
+                checked += 1
+    assert checked > 40
+
+
+def test_corrupt_parsing_weights_fall_back_to_the_ellipse_naming_the_file(face_nodes, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import folder_paths
+
+    weights = tmp_path / "facexlib" / "parsing_bisenet.pth"
+    weights.parent.mkdir()
+    weights.write_bytes(b"PK\x03\x04 half a download")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "facexlib", ([str(weights.parent)], set()))
+    with caplog.at_level(logging.WARNING, logger="portraitbooth.face"):
+        encoder = face_nodes["PortraitBoothLoadFaceEncoder"].execute(
+            pack="none (zero-download RetinaFace)", detector="auto", recognizer="auto", provider="cpu",
+            det_size=640, mask_ears=False, mask_hair=False, mask_neck=False).result[0]
+    assert encoder.parser is None and encoder.mask_note.startswith("fallback ellipse")
+    assert str(weights) in encoder.mask_note and "could not be loaded" in encoder.mask_note
+    assert any(str(weights) in r.getMessage() for r in caplog.records)

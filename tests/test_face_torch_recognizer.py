@@ -9,7 +9,8 @@ import torch
 
 from face_fixtures import *  # noqa: F401,F403
 from portraitbooth_core.face.arcface import ArcFaceRecognizer
-from portraitbooth_core.face.arcface_torch import FEATURES, TorchArcFace, fold_identity_initializers, identity_loss
+from portraitbooth_core.dip.identity_loss import identity_loss
+from portraitbooth_core.face.arcface_torch import FEATURES, TorchArcFace, fold_identity_initializers
 
 
 @pytest.fixture(scope="module")

@@ -118,6 +118,18 @@ def test_fuse_is_the_mask_weighted_average_of_the_paths():
         fuse([a, b], [bg])
 
 
+def test_fuse_normalises_weights_that_do_not_sum_to_one():
+    """Weights made for another latent or rounded may sum to 0.8 or 4: the fused value is
+    still the weighted average (a convex blend), never a scaled prediction."""
+    a, b = torch.full((1, 4, 2, 2), 1.0), torch.full((1, 4, 2, 2), 3.0)
+    wa = torch.tensor([[0.2, 2.0], [0.1, 0.0]])
+    wb = torch.tensor([[0.6, 2.0], [0.0, 0.3]])
+    out = fuse([a, b], [wa, wb])
+    expected = torch.tensor([[(0.2 * 1 + 0.6 * 3) / 0.8, 2.0], [1.0, 3.0]])
+    torch.testing.assert_close(out[0, 0], expected)
+    assert out.min() >= 1.0 and out.max() <= 3.0
+
+
 def test_fused_fast_path_gives_what_the_explicit_softmax_gives():
     """The dispatcher runs RegionalAttention as a logit mask on the fused kernel; a hook with
     only `process` takes the explicit-softmax path. Both must agree, uncond rows untouched."""

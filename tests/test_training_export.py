@@ -56,7 +56,7 @@ def test_comfyui_applying_the_export_reproduces_the_trained_unet(sd15_checkpoint
 
 
 def test_export_metadata_and_frozen_mode(sd15_checkpoint, dataset_dir, tmp_path):
-    from portraitbooth_core.ecac.expression_words import EMOTIONS
+    from portraitbooth_core.vocabulary import EMOTIONS
     from portraitbooth_core.weights.file import load_portraitbooth
 
     t, path = trained(dataset_dir, tmp_path, "frozen", steps=1)

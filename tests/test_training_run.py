@@ -175,7 +175,7 @@ def test_total_loss_goes_down_and_everything_is_logged(sd15_checkpoint, dataset_
 
 def test_face_windows_cover_the_aligned_crop():
     from portraitbooth_core.face.align import ARCFACE_TEMPLATE
-    from training.losses import face_windows
+    from portraitbooth_core.dip.identity_loss import face_windows
 
     # A 112 px aligned face drawn at 2x in a 512 px image (64x64 latent) at (100, 60).
     lm = torch.tensor(ARCFACE_TEMPLATE * 2 + [100, 60], dtype=torch.float32)
@@ -194,7 +194,7 @@ def ceil8(value: float) -> int:
 def test_dip_on_the_face_window_agrees_with_a_full_decode(sd15_checkpoint, people_dir, train_encoder, tmp_path):
     from training.build import BuildSettings, DatasetBuilder
     from training.face_crops import CropSettings
-    from training.losses import face_windows
+    from portraitbooth_core.dip.identity_loss import face_windows
     from training.trainer import Trainer
 
     settings = BuildSettings(CropSettings(resolution=128, crop_scale=4.0), caption_template="a photo of a {word}")

@@ -8,11 +8,15 @@ from conftest import COMFY_DIR, TEST_CHECKPOINT
 from training_fixtures import *  # noqa: F401,F403
 
 
-def test_dip_trainer_graph_trains_and_writes_a_loadable_model(start_server, dataset_dir, sd15_checkpoint):
+def test_dip_trainer_graph_trains_and_writes_a_loadable_model(start_server, dataset_dir, sd15_checkpoint,
+                                                              recognizer_pack):
     from portraitbooth_core.weights.file import load_portraitbooth
 
     server = start_server()
     shutil.copytree(dataset_dir, server.input_dir / "faces")  # datasets must sit under ComfyUI's folders
+    # the dataset's stand-in recognizer, given as the node input (the node refuses to train
+    # without the identity loss's recognizer unless id_weight=0 is set)
+    shutil.copytree(recognizer_pack, server.input_dir / "packs" / recognizer_pack.name, dirs_exist_ok=True)
     name = f"server_test_{os.getpid()}"
     target = COMFY_DIR / "models" / "portraitbooth" / f"{name}.safetensors"
     graph = {
@@ -20,7 +24,7 @@ def test_dip_trainer_graph_trains_and_writes_a_loadable_model(start_server, data
             "ckpt_name": TEST_CHECKPOINT, "dataset": "faces", "run_name": name, "output_name": name,
             "mode": "lora", "steps": 2, "batch_size": 2, "grad_accum": 1, "learning_rate": 1e-3,
             "lora_rank": 4, "save_every": 1, "seed": 0, "gradient_checkpointing": True,
-            "extra_settings": "id_max_timestep=999"}},
+            "extra_settings": "id_max_timestep=999", "recognizer": f"packs/{recognizer_pack.name}/w600k_r50.onnx"}},
         "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
     }
     try:

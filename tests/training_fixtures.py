@@ -5,6 +5,7 @@ ArcFace (ONNX) recognizer, whose torch copy is the differentiable recognizer of 
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def make_people(photos_dir: Path, root: Path) -> Path:
 def recognizer_pack(tmp_path_factory) -> Path:
     pack = tmp_path_factory.mktemp("insightface") / "standin"
     build_arcface_onnx(pack / "w600k_r50.onnx")
+    # Datasets record the recognizer by pack + file name; the command-line trainer finds the
+    # pack in the folders this variable lists (training/shards.py: default_recognizer_roots).
+    os.environ["PORTRAITBOOTH_RECOGNIZER_DIRS"] = str(pack.parent)
     return pack
 
 

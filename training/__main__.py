@@ -1,9 +1,10 @@
-"""Command line: `python -m training {build,train,export} ...` (train under torchrun for DDP).
+"""Command line: `python -m training {build,train,export,import-fastcomposer} ...` (train under torchrun for DDP).
 
     python -m training build photos/ data/ --pack models/insightface/models/antelopev2
     python -m training train --config train.toml --set steps=2000 --set mode=full
     torchrun --nproc_per_node 8 -m training train --config train.toml
     python -m training export --config train.toml --out model.safetensors
+    python -m training import-fastcomposer pytorch_model.bin --models ComfyUI/models
 """
 from __future__ import annotations
 
@@ -45,12 +46,17 @@ def _config(args):
 
 def _train(args) -> int:
     from . import distributed as D
+    from .dip_check import IdentityLossError
     from .trainer import Trainer
 
     config = _config(args)
     dist = D.setup(args.device)
     try:
-        trainer = Trainer(config, dist)
+        try:
+            trainer = Trainer(config, dist)
+        except IdentityLossError as exc:  # the dataset cannot feed L_id: the fix, not a traceback
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         path = trainer.run()
         if path is not None:
             print(f"[train] exported {path}")
@@ -70,11 +76,23 @@ def _export(args) -> int:
     found = load_latest(Path(config.output) / "checkpoints")
     if found is not None:  # the run's own settings (mode, EMA, ...), then what the command line says
         config = apply_overrides(apply_overrides(config, found[1]["config"]), _config_overrides(args)).validate()
-    trainer = Trainer(config)
+    trainer = Trainer(config, identity_loss=False)  # exporting needs no recognizer
     if trainer.resumed_from is None:
         print(f"no checkpoint under {Path(trainer.config.output) / 'checkpoints'}", file=sys.stderr)
         return 1
     print(f"[export] {export(trainer, args.out)} (from {trainer.resumed_from})")
+    return 0
+
+
+def _import_fastcomposer(args) -> int:
+    from .fastcomposer import FastComposerImportError, format_report, import_fastcomposer
+
+    try:
+        report = import_fastcomposer(args.path, args.models, overwrite=args.overwrite, dtype=args.dtype, name=args.name)
+    except FastComposerImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(report))
     return 0
 
 
@@ -108,6 +126,13 @@ def parser() -> argparse.ArgumentParser:
         t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train")
         if name == "export":
             t.add_argument("--out", help="weight file path (default <output>/<export_name>)")
+    f = sub.add_parser("import-fastcomposer", help="convert FastComposer's pytorch_model.bin into ComfyUI model files")
+    f.add_argument("path", help="FastComposer's released pytorch_model.bin (or a .safetensors of the same dict)")
+    f.add_argument("--models", required=True, help="ComfyUI's models folder: writes diffusion_models/, "
+                   "clip_vision/ and portraitbooth/ under it")
+    f.add_argument("--overwrite", action="store_true", help="replace files an earlier import wrote")
+    f.add_argument("--dtype", choices=("fp16", "fp32", "bf16"), default="fp16", help="UNet and CLIP vision precision")
+    f.add_argument("--name", default="fastcomposer", help="file name stem of the written files")
     return p
 
 
@@ -117,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     from .comfy_env import import_comfyui
 
     import_comfyui(cpu=True if getattr(args, "device", "auto") == "cpu" else None)
-    return {"build": _build, "train": _train, "export": _export}[args.command](args)
+    return {"build": _build, "train": _train, "export": _export,
+            "import-fastcomposer": _import_fastcomposer}[args.command](args)
 
 
 if __name__ == "__main__":

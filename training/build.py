@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .captions import DEFAULT_SYNONYMS, CaptionError, TokenFinder, caption_info, read_caption
+from portraitbooth_core.vocabulary import CLASS_WORDS
+
+from .captions import CaptionError, TokenFinder, caption_info, read_caption
 from .face_crops import CropSettings, FaceCrop, face_crop
 from .shards import FORMAT, INDEX, ShardWriter, write_json_atomic
 from .sources import Person, SkipError, find_people, load_image, video_frames
@@ -32,7 +34,7 @@ class BuildSettings:
     crops: CropSettings = field(default_factory=CropSettings)
     caption_template: str = ""        # e.g. "a photo of a {word}", for files without a sidecar
     default_word: str = ""            # class word for the template when the person has no class.txt
-    synonyms: dict = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_SYNONYMS.items()})
+    synonyms: dict = field(default_factory=lambda: {k: list(v) for k, v in CLASS_WORDS.items()})
     shard_size: int = 1000            # samples per shard (closed at the next person boundary)
 
     def fingerprint(self) -> str:
@@ -64,6 +66,7 @@ class DatasetBuilder:
         self.state: dict = {}
         self.skipped: list[dict] = []
         self.warnings: list[str] = []
+        self.subject_words: dict[str, set[str]] = {}  # identity word -> words captions used, pending
 
     # -- per person ------------------------------------------------------------------
     def _analyze(self, name: str, image: np.ndarray) -> FaceCrop | None:
@@ -117,23 +120,41 @@ class DatasetBuilder:
                     "reference_same_image": ref_name == name, "caption": info.caption,
                     "identity_word": info.identity_word, "identity_positions": info.identity_positions,
                     "expression_words": info.expression_words, "expression_positions": info.expression_positions,
-                    "box": crop.box.tolist(), "landmarks": crop.landmarks.tolist()}
+                    "subject_word": info.subject_word, "box": crop.box.tolist(), "landmarks": crop.landmarks.tolist()}
+            self.subject_words.setdefault(info.identity_word, set()).add(info.subject_word)
             samples.append({"jpg": encode_image(crop.image, "JPEG", quality=95),
                             "mask.png": encode_image(crop.mask), "ref.png": encode_image(ref.aligned),
                             "emb.npy": _npy(ref.embedding), "json": json.dumps(meta).encode()})
         return samples
 
     # -- the whole build ---------------------------------------------------------------
+    def identity(self) -> dict:
+        """Everything that decides what a sample holds: the build settings and the face
+        encoder (its embeddings, masks and detections). A build resumes only when this is
+        unchanged, so one dataset never mixes, e.g., 128-d dlib and 512-d ArcFace embeddings."""
+        return {"settings": json.loads(json.dumps(asdict(self.settings))), "face_encoder": encoder_identity(self.encoder)}
+
     def _load_state(self) -> None:
         path = self.output / STATE
-        fresh = {"fingerprint": self.settings.fingerprint(), "shards": [], "people_done": [], "skipped": [],
-                 "warnings": [], "next_key": 0, "embedding_dim": None}
+        identity = self.identity()
+        fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        fresh = {"fingerprint": fingerprint, "identity": identity, "shards": [], "people_done": [], "skipped": [],
+                 "warnings": [], "next_key": 0, "embedding_dim": None, "subject_words": {}}
         if path.is_file():
             state = json.loads(path.read_text())
-            if state.get("fingerprint") != fresh["fingerprint"]:
-                raise ValueError(f"{self.output} holds a dataset built with other settings; use a new output "
-                                 f"folder (or delete {STATE} there to start over)")
+            old = state.get("identity")
+            legacy = old is None and state.get("fingerprint") == self.settings.fingerprint() and \
+                state.get("embedding_dim") in (None, identity["face_encoder"]["dim"])
+            if state.get("fingerprint") != fingerprint and not legacy:
+                what = "; ".join(_differences(old, identity)) if isinstance(old, dict) else \
+                    "the build settings or the face encoder (recorded before this version named them)"
+                raise ValueError(f"{self.output} holds a dataset built with other settings ({what}), so this build "
+                                 f"cannot continue it: samples of both would mix in one dataset. Build with the "
+                                 f"recorded settings and face encoder to continue it, or use a new output folder "
+                                 f"(or delete {STATE} there to start over).")
+            state["fingerprint"], state["identity"] = fingerprint, identity  # a legacy state, now named
             self.state = state
+            state.setdefault("subject_words", {})  # a state file from before words were recorded
         else:
             self.state = fresh
         for tmp in self.output.glob(".*.tmp"):  # a shard an interrupted build never closed
@@ -146,8 +167,17 @@ class DatasetBuilder:
         s["people_done"] += people
         s["skipped"] += self.skipped
         s["warnings"] += self.warnings
+        self._merge_subject_words()
         self.skipped, self.warnings = [], []
         write_json_atomic(self.output / STATE, s)
+
+    def _merge_subject_words(self) -> None:
+        # Recorded with the people they came from: a rerun redoes unflushed people, so their
+        # words must not be in the state before their shard is closed.
+        seen = self.state["subject_words"]
+        for word, written in self.subject_words.items():
+            seen[word] = sorted(set(seen.get(word, [])) | written)
+        self.subject_words = {}
 
     def build(self) -> dict:
         """Build (or finish building) the dataset; returns the report."""
@@ -180,6 +210,7 @@ class DatasetBuilder:
         s["people_done"] += people
         s["skipped"] += self.skipped
         s["warnings"] += self.warnings
+        self._merge_subject_words()
         self.skipped, self.warnings = [], []
         write_json_atomic(self.output / STATE, s)
 
@@ -190,14 +221,64 @@ class DatasetBuilder:
         index = {"format": FORMAT, "resolution": self.settings.crops.resolution,
                  "samples": sum(sh["count"] for sh in s["shards"]), "shards": s["shards"],
                  "face_encoder": {"kind": enc.kind, "dim": s["embedding_dim"], "feature": "final",
-                                  "recognizer_path": getattr(recognizer, "path", None),
+                                  "recognizer": recognizer_record(recognizer, getattr(enc, "settings", {})),
                                   "settings": getattr(enc, "settings", {})},
-                 "identity_words": sorted(self.settings.synonyms), "build": asdict(self.settings)}
+                 "identity_words": sorted(self.settings.synonyms),
+                 # the other words the kept captions used for each identity word; export
+                 # lists them in the weight file so the model accepts them in prompts
+                 "class_synonyms": class_synonyms_seen(s["subject_words"]),
+                 "build": asdict(self.settings)}
         write_json_atomic(self.output / INDEX, index)
         report = {"samples": index["samples"], "shards": len(s["shards"]), "people": len(s["people_done"]),
                   "skipped": s["skipped"], "warnings": s["warnings"]}
         write_json_atomic(self.output / REPORT, report)
         return report
+
+
+def encoder_identity(encoder) -> dict:
+    """The face encoder as it shapes samples: recognizer kind, embedding size and file,
+    detector, mask maker. The onnxruntime provider is left out (same model, same samples)."""
+    settings = dict(getattr(encoder, "settings", {}) or {})
+    recognizer = getattr(encoder, "recognizer", None)
+    parser = getattr(encoder, "parser", None)
+    return {"kind": getattr(encoder, "kind", None), "dim": getattr(recognizer, "dim", None),
+            "recognizer": recognizer_record(recognizer, settings),
+            "detector": settings.get("detector") or type(getattr(encoder, "detector", None)).__name__,
+            "det_size": settings.get("det_size"), "masks": settings.get("masks"),
+            "parsing": None if parser is None else {"file": Path(str(getattr(parser, "path", ""))).name,
+                                                    "labels": [int(x) for x in getattr(parser, "labels", [])]}}
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'name: recorded -> now' for each leaf that differs between two identities."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {json.dumps(a, sort_keys=True)} recorded, {json.dumps(b, sort_keys=True)} now")
+    return out
+
+
+def recognizer_record(recognizer, settings: dict) -> dict | None:
+    """The recognizer ONNX as {pack folder name, file inside it}: a dataset moves between
+    machines and may be uploaded to a server, so it never records an absolute path; the
+    trainer finds the file under its own models folders (shards.recorded_recognizer)."""
+    path = getattr(recognizer, "path", None)
+    if not path:
+        return None
+    path = Path(path)
+    pack = settings.get("pack") or path.parent.name
+    # a pack unpacked one level down (antelopev2/antelopev2/*.onnx) keeps that level in the file name
+    file = path.name if path.parent.name == pack else f"{path.parent.name}/{path.name}"
+    return {"pack": pack, "file": file}
+
+
+def class_synonyms_seen(subject_words: dict) -> dict[str, list[str]]:
+    """{identity word: [synonyms the captions used, sorted]}, identity words without any left out."""
+    out = {word: sorted(set(written) - {word}) for word, written in sorted(subject_words.items())}
+    return {word: syns for word, syns in out.items() if syns}
 
 
 def _progress(items, enabled: bool):

@@ -1,5 +1,7 @@
 """Captions of training samples: where they come from, the class word normalized to one of
-the configured identity words, and the token positions of identity and expression words.
+the configured identity words (synonyms from `portraitbooth_core.vocabulary`; the word as
+written is kept too, so export can list it), and the token positions of identity and
+expression words.
 
 Positions are found on BPE ids with the core's matcher (the same code the nodes use),
 under SD1.5's CLIP tokenizer from ComfyUI, and only in the first 77-token chunk: the
@@ -15,15 +17,10 @@ from typing import Mapping, Sequence
 
 from portraitbooth_core.stea.class_words import TokenizerWords
 from portraitbooth_core.ecac.expression_words import find_expression_tokens, find_word_tokens
+from portraitbooth_core.vocabulary import CLASS_WORDS
 
 CLIP_KEY = "l"
 CHUNK = 77
-# Words that name the subject, by the identity word they are normalized to. Captions
-# from taggers and people say "guy", "lady", "gentleman"; the model learns one word per class.
-DEFAULT_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "man": ("man", "guy", "gentleman", "male", "boy", "dude"),
-    "woman": ("woman", "lady", "female", "girl", "gal"),
-}
 
 
 class CaptionError(ValueError):
@@ -42,8 +39,10 @@ def read_caption(image: Path) -> str | None:
     return None
 
 
-def normalize_class_word(caption: str, synonyms: Mapping[str, Sequence[str]] = DEFAULT_SYNONYMS) -> tuple[str, str]:
-    """(caption with its first subject word replaced by the identity word, that word).
+def normalize_class_word(caption: str, synonyms: Mapping[str, Sequence[str]] = CLASS_WORDS
+                         ) -> tuple[str, str, str]:
+    """(caption with its first subject word replaced by the identity word, that identity
+    word, the subject word as written, lower-cased: "Lady" -> "lady").
 
     Only whole words count ("woman" is never read as "man"); the first one in the caption
     is the subject. Raises CaptionError when there is none.
@@ -54,8 +53,9 @@ def normalize_class_word(caption: str, synonyms: Mapping[str, Sequence[str]] = D
     found = pattern.search(caption)
     if found is None:
         raise CaptionError(f"no class word in caption (expected one of: {', '.join(sorted(table))})")
-    word = table[found.group(1).lower()]
-    return caption[:found.start()] + word + caption[found.end():], word
+    written = found.group(1).lower()
+    word = table[written]
+    return caption[:found.start()] + word + caption[found.end():], word, written
 
 
 class TokenFinder(TokenizerWords):
@@ -89,10 +89,11 @@ class CaptionInfo:
     identity_positions: list[int]
     expression_words: list[str]
     expression_positions: list[int]
+    subject_word: str = ""  # the caption's own word for the subject before normalizing ("boy")
 
 
 def caption_info(raw: str | None, finder: TokenFinder, template: str = "", default_word: str = "",
-                 synonyms: Mapping[str, Sequence[str]] = DEFAULT_SYNONYMS) -> CaptionInfo:
+                 synonyms: Mapping[str, Sequence[str]] = CLASS_WORDS) -> CaptionInfo:
     """Everything the trainer needs from one caption; raises CaptionError to skip it."""
     if not raw:
         if not template:
@@ -101,6 +102,6 @@ def caption_info(raw: str | None, finder: TokenFinder, template: str = "", defau
             raise CaptionError("no caption sidecar and no class word for the template (set default_word "
                                "or a class.txt in the person's folder)")
         raw = template.format(word=default_word)
-    caption, word = normalize_class_word(raw, synonyms)
+    caption, word, written = normalize_class_word(raw, synonyms)
     ident, expr_words, expr_pos = finder.positions(caption, word)
-    return CaptionInfo(caption, word, ident, expr_words, expr_pos)
+    return CaptionInfo(caption, word, ident, expr_words, expr_pos, written)

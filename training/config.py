@@ -14,7 +14,11 @@ from typing import Any, Iterable
 
 MODES = ("full", "lora", "frozen")
 OPTIMIZERS = ("adamw", "adamw8bit")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Learning rate when `lr` is 0 (the default): the paper's constant 1e-5 fine-tunes the whole
+# UNet; LoRA adapters (and the projector alone, mode=frozen) start from zero or random weights
+# with far fewer parameters and barely move at that rate, so they get 1e-4.
+LR_BY_MODE = {"full": 1e-5, "lora": 1e-4, "frozen": 1e-4}
 
 
 @dataclass
@@ -32,14 +36,14 @@ class TrainConfig:
     steps: int = 1000
     micro_batch: int = 1          # samples per process per forward
     grad_accum: int = 1           # global batch = world size * micro_batch * grad_accum
-    lr: float = 1e-5              # the paper's constant rate
+    lr: float = 0.0               # 0: by mode (LR_BY_MODE: full 1e-5 as the paper, lora/frozen 1e-4); else this
     projector_lr: float = 0.0     # 0: same as lr
     warmup_steps: int = 0
     weight_decay: float = 0.0
     optimizer: str = "adamw"      # adamw8bit needs bitsandbytes
     max_grad_norm: float = 1.0    # 0 disables clipping
     ema_decay: float = 0.0        # 0 disables EMA; export uses EMA weights when on
-    precision: str = "auto"       # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: str = "auto"       # auto: bf16 on GPUs with native bf16 (>= sm80), fp16 + loss scaling on older GPUs, fp32 on CPU
     gradient_checkpointing: bool = False
     seed: int = 0
     # recipe (design.md §1)
@@ -81,6 +85,8 @@ class TrainConfig:
             problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.dip_region not in ("face", "full"):
             problems.append(f"dip_region must be 'face' or 'full', got {self.dip_region!r}")
+        if self.lr < 0 or self.projector_lr < 0:
+            problems.append("lr and projector_lr must be >= 0 (0: the default for the mode)")
         if self.p_text_only + self.p_uncond > 1:
             problems.append("p_text_only + p_uncond must not exceed 1")
         for name in ("steps", "micro_batch", "grad_accum", "save_every", "keep_last", "log_every"):
@@ -89,6 +95,11 @@ class TrainConfig:
         if problems:
             raise ValueError("invalid training configuration: " + "; ".join(problems))
         return self
+
+    @property
+    def learning_rate(self) -> float:
+        """The UNet/LoRA learning rate: `lr` when set, else the mode's default (LR_BY_MODE)."""
+        return self.lr if self.lr > 0 else LR_BY_MODE[self.mode]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

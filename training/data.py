@@ -1,12 +1,15 @@
 """Samples in, batches out: deterministic order, per-sample random draws, decoding.
 
 Everything random about a sample (its place in the epoch, conditioning mode, timestep,
-noise, masked-noise coin) is a function of (seed, global sample position) alone. So a
-resumed run draws exactly what the uninterrupted one drew, and N processes together
-draw exactly what one process draws for the same global batch.
+noise, masked-noise coin) is a function of (seed, global sample position) alone, and so
+is torch's global RNG while a micro-batch runs (`micro_batch_rng`). So a resumed run
+draws exactly what the uninterrupted one drew, and N processes together draw exactly
+what one process draws for the same global batch, whatever N was before a resume: no
+per-rank RNG state has to be saved or mapped onto another number of ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from dataclasses import dataclass
@@ -20,11 +23,30 @@ from .shards import ShardReader
 IDENTITY, TEXT_ONLY, UNCOND = 0, 1, 2
 
 
-def generator(seed: int, *keys: int) -> torch.Generator:
+def key(seed: int, *keys: int) -> int:
     value = seed & 0xFFFFFFFF
     for k in keys:
         value = (value * 1_000_003 + int(k) + 1) % (2**61 - 1)
-    return torch.Generator().manual_seed(value)
+    return value
+
+
+def generator(seed: int, *keys: int) -> torch.Generator:
+    return torch.Generator().manual_seed(key(seed, *keys))
+
+
+@contextlib.contextmanager
+def micro_batch_rng(seed: int, position: int, device: torch.device):
+    """Torch's global RNG (CPU, and `device` when it is a GPU) seeded by the global position
+    of a micro-batch's first sample, restored afterwards. Nothing in today's step draws
+    from it, but anything that does (dropout, a random augmentation) then gives the same
+    numbers on any number of ranks and after a resume."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        value = key(seed, 13, position)
+        torch.default_generator.manual_seed(value)
+        if devices:
+            torch.cuda.manual_seed(value)  # the current device: the rank's own GPU
+        yield
 
 
 class SampleOrder:

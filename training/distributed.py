@@ -45,31 +45,19 @@ def teardown(info: Dist) -> None:
         dist.destroy_process_group()
 
 
-def all_true(flag: bool, info: Dist) -> bool:
-    """True only if `flag` holds on every rank (so all ranks skip a bad step together)."""
+def all_sum(values: torch.Tensor, info: Dist) -> torch.Tensor:
+    """Element-wise sum over ranks of a float64 CPU tensor, returned on the CPU.
+
+    The one reduction of the training step, shape-stable by design: every rank passes a
+    tensor of the same length and layout whatever its batch drew (a term it lacks is a
+    zero with count 0). A dict of only the terms present gives gloo a size mismatch and
+    NCCL a hang or wrong numbers.
+    """
     if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0)
-
-
-def mean_across(values: dict[str, float], info: Dist) -> dict[str, float]:
-    """Average logged numbers over ranks (for the console and TensorBoard)."""
-    if not info.enabled or not values:
         return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=info.device)
+    t = values.to(device=info.device, dtype=torch.float64)
     dist.all_reduce(t)
-    return {k: float(v) / info.world for k, v in zip(keys, t.tolist())}
-
-
-def gather_objects(obj, info: Dist) -> list:
-    if not info.enabled:
-        return [obj]
-    out = [None] * info.world
-    dist.all_gather_object(out, obj)
-    return out
+    return t.cpu()
 
 
 def barrier(info: Dist) -> None:

@@ -3,7 +3,9 @@
 UNet patch by mode: LoRA adapters as kohya keys; a fully trained UNet as weight
 differences against the base checkpoint (`diffusion_model.<module>.diff`/`.diff_b`,
 ComfyUI's "diff" patch); a frozen UNet as no patch. Metadata names the face encoder the
-dataset's embeddings came from, the identity and emotion words and the run's settings.
+dataset's embeddings came from, the identity words with the synonyms the captions used
+(so "a photo of a boy" works with a model whose captions said "boy"), the emotion words
+and the run's settings.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from portraitbooth_core.ecac.expression_words import EMOTIONS
+from portraitbooth_core.vocabulary import DEFAULT_EMOTION_WORDS
 from portraitbooth_core.weights.file import save_portraitbooth
 from portraitbooth_core.weights.meta import FaceEncoderSpec
 
@@ -53,7 +55,7 @@ def unet_patch(trainer) -> dict[str, torch.Tensor]:
 
 def training_metadata(trainer) -> dict:
     cfg = trainer.config
-    return {"mode": cfg.mode, "steps": trainer.step, "lr": cfg.lr, "global_batch": trainer.global_batch,
+    return {"mode": cfg.mode, "steps": trainer.step, "lr": cfg.learning_rate, "global_batch": trainer.global_batch,
             "resolution": int(trainer.reader.index["resolution"]), "samples": len(trainer.reader),
             "base_checkpoint": Path(cfg.checkpoint).name,
             "loss_weights": {"noise": cfg.noise_weight, "loc": cfg.loc_weight, "id": cfg.id_weight},
@@ -65,17 +67,27 @@ def training_metadata(trainer) -> dict:
             "ema_decay": cfg.ema_decay, "recognizer_feature": cfg.recognizer_feature, **cfg.extra}
 
 
+def class_words(index: dict) -> tuple[list[str] | None, dict[str, list[str]]]:
+    """(identity words, {identity word: synonyms its captions used}) of a dataset index.
+    The model learned the identity words (captions were normalized to them); the synonyms
+    were in the captions as written, so the model accepts them too."""
+    words = index.get("identity_words") or None
+    synonyms = {w: list(s) for w, s in (index.get("class_synonyms") or {}).items() if words and w in words}
+    return words, synonyms
+
+
 def export(trainer, path: str | os.PathLike | None = None) -> Path:
     """Write the weight file (EMA weights when EMA is on)."""
     path = Path(path or Path(trainer.config.output) / trainer.config.export_name)
     face = trainer.reader.index["face_encoder"]
     spec = FaceEncoderSpec(kind=face["kind"], dim=int(face["dim"]), feature=face.get("feature", "final"))
-    words = trainer.reader.index.get("identity_words") or None
+    words, synonyms = class_words(trainer.reader.index)
 
     def write() -> Path:
         projector = trainer.module.projector
         return save_portraitbooth(path, projector, spec, unet_patch(trainer), class_words=words,
-                                  emotion_words=tuple(EMOTIONS), training=training_metadata(trainer))
+                                  emotion_words=DEFAULT_EMOTION_WORDS, training=training_metadata(trainer),
+                                  class_synonyms=synonyms)
 
     if trainer.ema is not None:
         with trainer.ema.applied():

@@ -1,9 +1,11 @@
-"""Logging every loss term: console, metrics.jsonl (what the DIP Trainer node plots and
-tests read) and, when asked, TensorBoard (optional dependency)."""
+"""Logging every loss term: one console line per logged step, metrics.jsonl (what the DIP
+Trainer node plots and tests read), when asked TensorBoard (optional dependency), and the
+progress bar of an interactive run."""
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 from portraitbooth_core.optional import require
@@ -34,9 +36,9 @@ class MetricsLog:
                 if isinstance(v, (int, float)):
                     self.writer.add_scalar(f"train/{k}", v, step)
         if console:
+            # One line per step, through logging only (a print beside it doubled every line).
             text = " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
             log.info("step %d %s", step, text)
-            print(f"[train] step {step} {text}", flush=True)
 
     def image(self, step: int, tag: str, image_hwc) -> None:
         if self.writer is not None:
@@ -58,3 +60,47 @@ def read_metrics(folder: str | Path) -> list[dict]:
             rec = json.loads(line)
             by_step[rec["step"]] = rec
     return [by_step[s] for s in sorted(by_step)]
+
+
+class Progress:
+    """A tqdm bar over images on rank 0 of an interactive run: ETA and images/s.
+
+    Off when stderr is not a terminal (a log file or a job scheduler would get a line per
+    refresh), when a caller's callback drives its own progress UI (the DIP Trainer node),
+    or on ranks other than 0. While it is on, log lines are printed above the bar."""
+
+    def __init__(self, total_steps: int, start_step: int, images_per_step: int, enabled: bool):
+        self.bar, self._redirect, self.images_per_step = None, None, images_per_step
+        if not enabled:
+            return
+        try:
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+        except ImportError:  # tqdm is optional: the per-step log lines still say everything
+            return
+        self.bar = tqdm(total=total_steps * images_per_step, initial=start_step * images_per_step, unit="img",
+                        unit_scale=True, dynamic_ncols=True, desc="train", smoothing=0.1)
+        # The root logger's console handlers (where the training logger propagates) write above the bar.
+        self._redirect = logging_redirect_tqdm()
+        self._redirect.__enter__()
+
+    def update(self, step: int, values: dict) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(self.images_per_step)
+        postfix = {k: f"{values[k]:.4g}" for k in ("total", "id") if isinstance(values.get(k), float)}
+        self.bar.set_postfix(step=step, **postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self._redirect.__exit__(None, None, None)
+            self.bar.close()
+            self.bar = None
+
+
+def interactive() -> bool:
+    """True when stderr (where the bar draws) is a terminal."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False

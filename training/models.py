@@ -13,6 +13,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from portraitbooth_core.weights.family import model_context_dim, require_sd15
+
 from .config import TrainConfig
 from .lora import LoRASet
 
@@ -58,9 +60,7 @@ def load_models(config: TrainConfig, device: torch.device) -> Models:
     if clip is None or vae is None:
         raise ValueError(f"{config.checkpoint} lacks a text encoder or VAE; training needs a full SD1.5 checkpoint")
     base = patcher.model
-    context = base.model_config.unet_config.get("context_dim")
-    if context != 768:
-        raise ValueError(f"{config.checkpoint} is not Stable Diffusion 1.5 (text context {context}, SD1.5 has 768)")
+    require_sd15(model_context_dim(base), str(config.checkpoint), "set `checkpoint` to an SD1.5 file")
     base.to(device)
     vae.first_stage_model.to(device).requires_grad_(False).eval()
     vae.device = device

@@ -15,6 +15,8 @@ import tarfile
 from pathlib import Path
 from typing import Mapping
 
+from portraitbooth_core.paths import check_file_name, check_text, inside
+
 INDEX = "index.json"
 FORMAT = "portraitbooth-shards/1"
 
@@ -66,23 +68,35 @@ class ShardWriter:
 
 
 class ShardReader:
-    """Random access to every sample of a built dataset: `read(i)` -> {ext: bytes}."""
+    """Random access to every sample of a built dataset: `read(i)` -> {ext: bytes}.
+
+    index.json and the shard JSONs may come from anyone (a dataset uploaded to a shared
+    server): every name in them is resolved inside the dataset folder (portraitbooth_core.paths),
+    and a malformed field is an error naming the file and the field."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         index_path = self.folder / INDEX
         if not index_path.is_file():
             raise FileNotFoundError(f"{self.folder} has no {INDEX}; build it with `python -m training build`.")
-        self.index = json.loads(index_path.read_text())
-        if self.index.get("format") != FORMAT:
-            raise ValueError(f"{index_path}: unknown dataset format {self.index.get('format')!r} "
-                             f"(this version reads {FORMAT})")
-        self.entries: list[tuple[str, str, dict]] = []  # (tar name, key, {ext: [offset, size]})
-        for shard in self.index["shards"]:
-            meta = json.loads((self.folder / f"{shard['name']}.json").read_text())
-            for key in sorted(meta["samples"]):
-                self.entries.append((meta["tar"], key, meta["samples"][key]))
-        self._files: dict[str, object] = {}
+        self.index = _read_json(index_path)
+        if not isinstance(self.index, dict) or self.index.get("format") != FORMAT:
+            found = self.index.get("format") if isinstance(self.index, dict) else type(self.index).__name__
+            raise ValueError(f"{index_path}: unknown dataset format {found!r} (this version reads {FORMAT})")
+        shards = self.index.get("shards")
+        if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+            raise ValueError(f"{index_path}: 'shards' must be a list of shard entries; rebuild the dataset.")
+        self.entries: list[tuple[Path, str, dict]] = []  # (tar path, key, {ext: [offset, size]})
+        for n, shard in enumerate(shards):
+            meta_path = inside(self.folder, f"{shard.get('name')}.json", f"{index_path} shards[{n}].name")
+            meta = _read_json(meta_path)
+            samples = meta.get("samples") if isinstance(meta, dict) else None
+            if not isinstance(samples, dict):
+                raise ValueError(f"{meta_path}: 'samples' must map sample keys to members; rebuild the dataset.")
+            tar = inside(self.folder, meta.get("tar"), f"{meta_path} field 'tar'")
+            for key in sorted(samples):
+                self.entries.append((tar, key, _members(samples[key], meta_path, key)))
+        self._files: dict[Path, object] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -91,7 +105,7 @@ class ShardReader:
         tar, key, members = self.entries[i]
         f = self._files.get(tar)
         if f is None:
-            f = self._files[tar] = open(self.folder / tar, "rb")
+            f = self._files[tar] = open(tar, "rb")
         out = {"__key__": key.encode()}
         for ext, (offset, size) in members.items():
             f.seek(offset)
@@ -102,3 +116,67 @@ class ShardReader:
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not readable as JSON ({type(exc).__name__}: {str(exc)[:200]}); "
+                         f"rebuild the dataset.") from None
+
+
+def _members(members, meta_path: Path, key: str) -> dict:
+    ok = isinstance(members, dict) and all(
+        isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and 0 <= x < 2**40 for x in v)
+        for v in members.values())
+    if not ok:
+        raise ValueError(f"{meta_path}: sample {key[:40]!r} must map members to [offset, size]; rebuild the dataset.")
+    return members
+
+
+RECOGNIZER_DIRS_ENV = "PORTRAITBOOTH_RECOGNIZER_DIRS"  # more folders holding packs, for the command line
+
+
+def default_recognizer_roots() -> list[Path]:
+    """Where the command line looks for a dataset's recognizer: the folders in
+    PORTRAITBOOTH_RECOGNIZER_DIRS (os.pathsep-separated), then the ComfyUI host's
+    models/insightface/models when one is found."""
+    roots = [Path(p) for p in os.environ.get(RECOGNIZER_DIRS_ENV, "").split(os.pathsep) if p.strip()]
+    try:
+        from .comfy_env import find_comfyui
+
+        roots.append(find_comfyui() / "models" / "insightface" / "models")
+    except Exception:  # noqa: BLE001 - no ComfyUI host: only the listed folders
+        pass
+    return roots
+
+
+def recorded_recognizer(face: dict, roots=None) -> Path | None:
+    """The recognizer ONNX a dataset was built with, found by its pack folder and file name
+    under `roots` (folders holding packs, e.g. models/insightface/models). From a node
+    (roots given) an absolute path in the file is never opened: an older index.json's
+    `recognizer_path` is reduced to its pack and file name. Without roots (the command line,
+    whose user built the dataset) an older absolute path is still read, and new records are
+    looked up under default_recognizer_roots(). None when the dataset names none or it is
+    not found."""
+    rec = face.get("recognizer")
+    old = face.get("recognizer_path")
+    if isinstance(rec, dict):
+        pack, file = rec.get("pack"), rec.get("file")
+    elif isinstance(old, str) and old.strip():
+        check_text(old, f"{INDEX} face_encoder.recognizer_path")
+        if roots is None:
+            return Path(old)
+        legacy = Path(old.replace("\\", "/"))
+        pack, file = legacy.parent.name, legacy.name
+    else:
+        return None
+    check_file_name(str(pack), f"{INDEX} face_encoder.recognizer.pack")
+    what = f"{INDEX} face_encoder.recognizer.file"
+    for root in (default_recognizer_roots() if roots is None else roots):
+        if (Path(root) / pack).is_dir():
+            candidate = inside(Path(root) / pack, str(file), what)
+            if candidate.is_file():
+                return candidate
+    return None

@@ -6,27 +6,22 @@ broadcasts nor watches them.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from portraitbooth_core.ecac.capture import AttentionCapture
+from portraitbooth_core.dip.estimate import eps_from_denoised, noised_latent, sigma_at
+from portraitbooth_core.dip.identity_loss import dip_identity_loss
 from portraitbooth_core.stea.projector import STEAProjector, splice_identity
 from portraitbooth_core.ecac.layers import cross_attention_layers, install_on_layers, select_layers
 
 from .config import TrainConfig
 from .data import IDENTITY, Batch
-from .losses import dip_identity_loss, localization_loss, noise_loss
+from .losses import localization_loss, noise_loss
 from .models import Models
+from .precision import autocast, choose_precision
 
 TERMS = ("noise", "loc", "id")
-
-
-def comfy_attention(q, k, v, heads, **kwargs):
-    import comfy.ldm.modules.attention as attention
-
-    return attention.optimized_attention(q, k, v, heads, **kwargs)
 
 
 class TextCache:
@@ -51,8 +46,11 @@ class TextCache:
 
 class TrainModule(nn.Module):
     def __init__(self, models: Models, projector: STEAProjector, config: TrainConfig, recognizer=None,
-                 resolution: int = 512):
+                 resolution: int = 512, precision: str | None = None):
+        """precision: 'fp32', 'bf16' or 'fp16' (precision.choose_precision); None: chosen
+        from config.precision for the models' device."""
         super().__init__()
+        self.precision = precision or choose_precision(config.precision, models.device)
         self.unet = models.unet if config.mode == "full" else None
         self.lora = models.lora
         self.projector = projector
@@ -66,10 +64,7 @@ class TrainModule(nn.Module):
         return self._frozen[0]
 
     def autocast(self):
-        device = self.models.device
-        if self.config.precision == "bf16" or (self.config.precision == "auto" and device.type == "cuda"):
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.precision, self.models.device)
 
     def conditioning(self, batch: Batch) -> torch.Tensor:
         device = self.models.device
@@ -83,11 +78,9 @@ class TrainModule(nn.Module):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg, models = self.config, self.models
-        acp = models.alphas_cumprod.to(models.device)
         z0 = models.encode_pixels(batch.images)
-        abar = acp[batch.timesteps]
-        sigma = ((1 - abar) / abar).sqrt()
-        x = z0 + sigma.view(-1, 1, 1, 1) * batch.noise      # ComfyUI's sigma-space noisy latent
+        sigma = sigma_at(models.alphas_cumprod.to(models.device), batch.timesteps)
+        x = noised_latent(z0, batch.noise, sigma)
         identity = batch.modes == IDENTITY
         capture = None
         options: dict = {}
@@ -95,12 +88,12 @@ class TrainModule(nn.Module):
             capture = AttentionCapture({"identity": batch.identity_positions,
                                         "expression": batch.expression_positions}, differentiable=True)
             attn2: dict = {}
-            install_on_layers(attn2, self.layers, lambda _layer: capture, comfy_attention)
+            install_on_layers(attn2, self.layers, lambda _layer: capture)
             options = {"patches_replace": {"attn2": attn2}}
         cond = self.conditioning(batch)
         with self.autocast():
             denoised = models.base.apply_model(x, sigma, c_crossattn=cond, transformer_options=options).float()
-        eps_hat = (x - denoised) / sigma.view(-1, 1, 1, 1)
+        eps_hat = eps_from_denoised(x, denoised, sigma)
         terms: dict[str, torch.Tensor] = {}
         if cfg.noise_weight > 0:
             terms["noise"] = noise_loss(eps_hat, batch.noise, batch.masks, batch.masked_noise)
@@ -113,7 +106,7 @@ class TrainModule(nn.Module):
         if cfg.id_weight > 0 and recognizer is not None and bool(dip.any()):
             idx = dip.nonzero().flatten()
             with self.autocast():
-                terms["id"] = dip_identity_loss(models, recognizer, denoised[idx], batch.references[idx],
+                terms["id"] = dip_identity_loss(models.decode_latents, recognizer, denoised[idx], batch.references[idx],
                                                 batch.landmarks[idx], self.resolution, cfg.dip_region,
                                                 cfg.dip_margin).float()
         weights = {"noise": cfg.noise_weight, "loc": cfg.loc_weight, "id": cfg.id_weight}

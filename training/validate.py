@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from portraitbooth_core.dip.estimate import eps_from_denoised, noised_latent, sigma_at
 from portraitbooth_core.stea.projector import splice_identity
 
 from .data import decode
@@ -25,19 +26,17 @@ def sample_image(models, projector, text_cache, caption: str, positions: list[in
     h = size // ratio
     z = torch.randn(1, 4, h, h, generator=torch.Generator().manual_seed(seed)).to(device)
     ts = torch.linspace(len(acp) - 1, 0, steps).round().long().to(device)
-    sigma = ((1 - acp[ts[0]]) / acp[ts[0]]).sqrt()
-    x = z * (sigma ** 2 + 1).sqrt()                      # sigma-space start (ComfyUI's convention)
+    x = z * (sigma_at(acp, ts[0]) ** 2 + 1).sqrt()       # sigma-space start (ComfyUI's convention)
     for i, t in enumerate(ts):
-        sigma = ((1 - acp[t]) / acp[t]).sqrt()
+        sigma = sigma_at(acp, t)
         both = models.base.apply_model(torch.cat([x, x]), sigma.expand(2), c_crossattn=context).float()
         denoised = both[1:] + cfg * (both[:1] - both[1:])
         nxt = ts[i + 1] if i + 1 < len(ts) else None
         if nxt is None:
             x = denoised
             break
-        sigma_next = ((1 - acp[nxt]) / acp[nxt]).sqrt()
-        eps = (x - denoised) / sigma
-        x = denoised + sigma_next * eps                  # DDIM step in sigma space
+        # DDIM step in sigma space: keep the implied noise, move to the next level
+        x = noised_latent(denoised, eps_from_denoised(x, denoised, sigma), sigma_at(acp, nxt))
     image = models.decode_latents(x)[0].clamp(0, 1)
     return (image.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
 

@@ -3,11 +3,12 @@
 Owns everything that reads or edits cross-attention:
   dispatch          `Attn2Dispatcher`: one attn2 replace slot that several patches share
                     (IPAdapter-compatible `.add()`), `attention_probs`, `apply_probs`
-  layers            `cross_attention_layers`, `select_layers`, `install_on_layers`
-  attention         `comfy_attention`: ComfyUI's attention, looked up per call (nodes and training)
+  layers            `cross_attention_layers`, `select_layers`, `install_on_layers`, and
+                    `comfy_attention` (ComfyUI's attention, looked up per call) that they use
   capture           `AttentionCapture`, `AttentionStore`: per-word maps, differentiable for training
   control           `ExpressionControl`, `ControlSettings`: the inference-time edit inside the face
   loss              `localization_loss`, `loss_from_capture`, `ECACSettings`: L_loc of training
-  expression_words  `find_expression_tokens`: where the emotion words sit in a prompt
+  expression_words  `find_expression_tokens`, `find_word_tokens`, `matches`, `TokenMatch`: where
+                    the emotion words (from `portraitbooth_core.vocabulary`) sit in a prompt
   preview           `overlay_maps`: captured maps over images
 """

@@ -1,13 +1,13 @@
 """Cross-attention capture: the probabilities of chosen tokens on chosen layers.
 
-`AttentionCapture` is an `Attn2Dispatcher` hook (see attention_dispatch.py): install it
-on the layers to read with `unet_layers.install_on_layers`. It sees the cond rows only
+`AttentionCapture` is an `Attn2Dispatcher` hook (see dispatch.py): install it
+on the layers to read with `layers.install_on_layers`. It sees the cond rows only
 (CFG's uncond half is skipped), averages heads and sums the probabilities of each
 group's token positions (a multi-piece word holds the sum of its pieces' attention).
 
 Two uses:
 - training (`differentiable=True`): keeps each layer's maps at the layer's own size,
-  with their autograd graph, for `ecac_loss.localization_loss`; positions may differ per
+  with their autograd graph, for `loss.localization_loss`; positions may differ per
   sample (each caption has its own token layout).
 - inference preview: detached maps resized to the latent's size and averaged over
   layers and steps into an `AttentionStore` that survives ComfyUI's model cloning.

@@ -1,9 +1,9 @@
-"""The emotion vocabulary of ECAC and where its words sit in a tokenized prompt.
+"""Where ECAC's expression words (and any other words) sit in a tokenized prompt.
 
-One table for nodes and training: the 11 emotion categories with the synonyms and
-inflections people actually write ("smiling", "in tears", ...). Training reads a
-caption's expression token with the same function the inference patch uses, so the
-attention the loss shaped is the attention the patch later steers.
+The words themselves (11 emotion categories with the synonyms and inflections people
+actually write) are in `portraitbooth_core.vocabulary`. Training reads a caption's
+expression token with the same function the inference patch uses, so the attention the
+loss shaped is the attention the patch later steers.
 
 Matching works on BPE ids through `ClassWordMatcher` (word-start aware, chunk aware),
 never on `text.split()`: ComfyUI's word ids count weighted segments, not words.
@@ -15,38 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from ..stea.class_words import ClassWordMatcher
-
-# category -> words that name it. The category name itself comes first. Words that are
-# ambiguous across categories ("tears of joy") are left out rather than guessed.
-EMOTIONS: dict[str, tuple[str, ...]] = {
-    "happy": ("happy", "happily", "happiness", "smile", "smiles", "smiling", "smiled", "grin", "grins",
-              "grinning", "laugh", "laughs", "laughing", "laughed", "joyful", "joy", "cheerful", "glad",
-              "delighted", "beaming"),
-    "sad": ("sad", "sadly", "sadness", "unhappy", "cry", "cries", "crying", "cried", "tears", "tearful",
-            "weep", "weeping", "sobbing", "sorrowful", "upset", "gloomy", "depressed", "melancholic"),
-    "angry": ("angry", "angrily", "anger", "mad", "furious", "fury", "rage", "raging", "enraged", "frown",
-              "frowns", "frowning", "scowl", "scowling", "annoyed", "irritated", "shouting", "yelling"),
-    "surprised": ("surprised", "surprise", "astonished", "amazed", "shocked", "startled", "stunned",
-                  "wide-eyed", "gasping"),
-    "fearful": ("fearful", "fear", "afraid", "scared", "frightened", "terrified", "horrified", "anxious",
-                "nervous", "worried"),
-    "disgusted": ("disgusted", "disgust", "grossed out", "repulsed", "revolted", "grimacing", "grimace"),
-    "contemptuous": ("contemptuous", "contempt", "scornful", "scorn", "sneer", "sneering", "disdainful",
-                     "smirk", "smirking"),
-    "neutral": ("neutral", "expressionless", "emotionless", "impassive", "blank expression",
-                "straight-faced", "poker face"),
-    "excited": ("excited", "excitement", "thrilled", "enthusiastic", "ecstatic", "elated"),
-    "calm": ("calm", "calmly", "relaxed", "peaceful", "serene", "tranquil", "composed"),
-    "confused": ("confused", "confusion", "puzzled", "perplexed", "bewildered", "baffled"),
-}
-
-WORD_TO_EMOTION: dict[str, str] = {w: cat for cat, words in EMOTIONS.items() for w in words}
-assert len(WORD_TO_EMOTION) == sum(len(w) for w in EMOTIONS.values()), "a word is listed twice"
-
-
-def emotion_of(word: str) -> str | None:
-    """The emotion category a word names ('Smiling' -> 'happy'), or None."""
-    return WORD_TO_EMOTION.get(word.strip().lower())
+from ..vocabulary import emotion_of, expression_words
 
 
 @dataclass(frozen=True)
@@ -76,6 +45,12 @@ def find_word_tokens(chunks: Sequence[Sequence], words: Iterable[str], ids_of: C
     if not words:
         return []
     matcher = ClassWordMatcher(words, lambda w: list(ids_of(w)), ends_word or (lambda _t: True), special)
+    return matches(matcher, chunks)
+
+
+def matches(matcher: ClassWordMatcher, chunks: Sequence[Sequence]) -> list[TokenMatch]:
+    """`find_word_tokens` with a ready matcher (e.g. `TokenizerWords.matcher`, cached per
+    word list, so a node does not re-tokenize a vocabulary of ~170 words per run)."""
     hits = matcher.find(_as_entries(chunks))
     # A word found inside a longer one ("happy" in "un"+"happy") is dropped: without
     # word-end marks the matcher cannot tell on its own.
@@ -90,6 +65,9 @@ def find_word_tokens(chunks: Sequence[Sequence], words: Iterable[str], ids_of: C
 
 def find_expression_tokens(chunks: Sequence[Sequence], ids_of: Callable[[str], Sequence[int]],
                            ends_word: Callable[[int], bool] | None = None,
-                           special: Iterable[int] = ()) -> list[TokenMatch]:
-    """The expression words of a prompt (any word of EMOTIONS), in prompt order."""
-    return find_word_tokens(chunks, WORD_TO_EMOTION, ids_of, ends_word, special)
+                           special: Iterable[int] = (), emotion_words: Iterable[str] | None = None
+                           ) -> list[TokenMatch]:
+    """The expression words of a prompt, in prompt order. emotion_words: a model's list
+    (category names stand for all their words, see `vocabulary.expression_words`);
+    None: every word of the vocabulary."""
+    return find_word_tokens(chunks, expression_words(emotion_words), ids_of, ends_word, special)

@@ -67,7 +67,19 @@ def select_layers(layers: Sequence[CrossAttnLayer], which: str = "mid") -> list[
     return [l for l in layers if l.factor == target]
 
 
-def install_hook(attn2: dict, layer: CrossAttnLayer, hook: AttentionHook, attention_fn: Callable) -> tuple:
+def comfy_attention(q, k, v, heads, **kwargs):
+    """ComfyUI's own attention (the nodes and training use this one function).
+
+    Looked up per call, not at import: ComfyUI picks optimized_attention at start-up and
+    from its flags, and the core must import without ComfyUI.
+    """
+    import comfy.ldm.modules.attention as attention
+
+    return attention.optimized_attention(q, k, v, heads, **kwargs)
+
+
+def install_hook(attn2: dict, layer: CrossAttnLayer, hook: AttentionHook,
+                 attention_fn: Callable = comfy_attention) -> tuple:
     """Put `hook` on one layer of a patches_replace["attn2"] dict (edited in place: pass
     the copy ModelPatcher.clone made). Returns the key used.
 
@@ -102,5 +114,5 @@ def _is_ipadapter_replace(obj) -> bool:
 
 
 def install_on_layers(attn2: dict, layers: Iterable[CrossAttnLayer], make_hook: Callable[[CrossAttnLayer], AttentionHook],
-                      attention_fn: Callable) -> list[tuple]:
+                      attention_fn: Callable = comfy_attention) -> list[tuple]:
     return [install_hook(attn2, layer, make_hook(layer), attention_fn) for layer in layers]

@@ -126,9 +126,3 @@ class TorchArcFace(nn.Module):
     def embed_faces(self, images: torch.Tensor, landmarks) -> torch.Tensor:
         """Align (differentiably) then embed: images [B,3,H,W] 0..1, landmarks [B,5,2] pixels."""
         return self(align_faces_torch(images, landmarks, self.input_size))
-
-
-def identity_loss(reference: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """1 - cos(reference, features), batch-averaged: the paper's L_id on TorchArcFace outputs."""
-    ref = F.normalize(reference.to(features.dtype), dim=-1)
-    return (1.0 - (ref * F.normalize(features, dim=-1)).sum(-1)).mean()

@@ -63,17 +63,23 @@ def build_identity(embeddings: np.ndarray | torch.Tensor, kind: str, names: list
 
 
 def mix_identities(a: Identity, b: Identity, weight_b: float) -> Identity:
-    """Blend: normalize((1 - w) * a + w * b). w=0 gives a, w=1 gives b."""
+    """Blend: normalize((1 - w) * a + w * b). w=0 gives a, w=1 gives b. Unnormalized
+    identities (metadata "normalized": False, CLIP image embeddings) are blended linearly."""
     if a.kind != b.kind:
         raise IdentityError(f"Cannot mix identities from different recognizers: {a.kind!r} and {b.kind!r}. "
                             "Analyze both faces with the same FaceEncoder.")
     if not 0.0 <= weight_b <= 1.0:
         raise IdentityError(f"weight must be between 0 and 1, got {weight_b}")
-    vector = F.normalize((1.0 - weight_b) * a.vector + weight_b * b.vector, dim=-1)
+    vector = (1.0 - weight_b) * a.vector + weight_b * b.vector
+    if a.metadata.get("normalized", True) is not False:
+        vector = F.normalize(vector, dim=-1)
+    # else: raw CLIP image embeddings (face.clip_image) keep their scale; the projector was
+    # trained on unnormalized vectors.
     meta = {"sources": [*a.metadata.get("sources", []), *b.metadata.get("sources", [])],
             "mix": {"weight_b": float(weight_b), "a": a.metadata.get("sources", []),
                     "b": b.metadata.get("sources", [])},
-            "warnings": [*a.metadata.get("warnings", []), *b.metadata.get("warnings", [])]}
+            "warnings": [*a.metadata.get("warnings", []), *b.metadata.get("warnings", [])],
+            **({"normalized": False} if a.metadata.get("normalized", True) is False else {})}
     aligned = None
     if a.aligned is not None and b.aligned is not None:
         aligned = torch.cat([a.aligned, b.aligned])

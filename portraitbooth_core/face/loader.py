@@ -8,7 +8,8 @@ import torch
 
 from .encoder import FaceEncoder
 from .errors import FaceAnalysisError
-from .parsing import PARSING_WEIGHTS, FaceParser, announce_fallback
+from ..optional import MissingDependencyError
+from .parsing import PARSING_WEIGHTS, FaceParser, announce_fallback, announce_unreadable
 
 DETECTORS = ("auto", "scrfd (pack)", "retinaface (zero-download)")
 RECOGNIZERS = ("auto", "arcface (pack)", "dlib (zero-download)")
@@ -76,8 +77,14 @@ def build_encoder(pack_dir: str | os.PathLike | None = None, detector: str = "au
     parser, note = None, ""
     if parsing_weights is not None:
         device = "cuda" if provider != "cpu" and torch.cuda.is_available() else "cpu"
-        parser = FaceParser(parsing_weights, device, ears=ears, hair=hair, neck=neck)
-        note = f"face parsing (BiSeNet, {Path(parsing_weights).name})"
+        try:
+            parser = FaceParser(parsing_weights, device, ears=ears, hair=hair, neck=neck)
+            note = f"face parsing (BiSeNet, {Path(parsing_weights).name})"
+        except MissingDependencyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
+            # Masks still work without parsing: the ellipse fallback, said loudly.
+            note = "fallback ellipse - " + announce_unreadable(parsing_weights, exc)
     else:
         note = "fallback ellipse - " + announce_fallback(parsing_searched or "no folder given")
     settings = {"pack": Path(pack_dir).name if pack_dir else None, "detector": det, "recognizer": rec,

@@ -1,6 +1,6 @@
 """Regional attention: one UNet pass, each subject's identity token confined to its region.
 
-An `Attn2Dispatcher` hook (see attention_dispatch.py) on every cross-attention layer.
+An `Attn2Dispatcher` hook (see portraitbooth_core/ecac/dispatch.py) on every cross-attention layer.
 For each group of identity-token positions, the token's attention probability at a
 query pixel is multiplied by the region's share there and every row renormalised.
 That is exactly softmax(logits + log(share)): a share of 0 is the -inf logit mask

@@ -75,6 +75,11 @@ def side_by_side(count: int, height: int, width: int, feather: float = 0.15) -> 
     return torch.stack(cols)
 
 
+def emptiness(peak: float) -> str:
+    """How a mask that selects nothing is described: truly zero, or only faint values."""
+    return "empty (all zero)" if peak <= 0 else f"nearly empty (max {peak:.4f})"
+
+
 def fit_mask(mask: torch.Tensor, height: int, width: int, label: str = "mask") -> tuple[torch.Tensor, str | None]:
     """A MASK ((H, W) or (1, H, W), any size) resized to the latent's (height, width).
 
@@ -89,8 +94,8 @@ def fit_mask(mask: torch.Tensor, height: int, width: int, label: str = "mask") -
         raise RegionError(f"{label} has shape {tuple(mask.shape)}; expected a single (height, width) mask")
     mask = mask.detach().float().cpu().clamp(0, 1)
     if float(mask.max()) < EMPTY:
-        raise RegionError(f"{label} is empty (all zero): paint where the subject should appear, or leave it "
-                          f"unconnected to use the automatic side-by-side layout.")
+        raise RegionError(f"{label} is {emptiness(float(mask.max()))}: paint where the subject should appear, or "
+                          f"leave it unconnected to use the automatic side-by-side layout.")
     note = None
     h, w = mask.shape
     if abs((w / h) / (width / height) - 1.0) > ASPECT_TOL:

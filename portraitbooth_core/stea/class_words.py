@@ -9,6 +9,7 @@ tokenized alone, appear in order: "man" -> [man</w>] never matches "woman</w>",
 
 The identity goes to the *last* piece of a multi-piece class word: CLIP's text encoder
 is causal, so that position is the only one that has seen the whole word.
+The words themselves are in `portraitbooth_core.vocabulary`.
 """
 from __future__ import annotations
 
@@ -16,9 +17,6 @@ import numbers
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
-
-DEFAULT_CLASS_WORDS = ("man", "woman", "boy", "girl", "person", "child", "lady", "guy")
-
 
 class ClassWordError(ValueError):
     """The prompt cannot carry the requested identities."""

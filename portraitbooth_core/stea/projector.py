@@ -3,7 +3,7 @@
 The class word's CLIP output psi(w) and the face embedding phi(f) go through a small MLP
 whose output replaces psi(w) at the class word's position; every other token keeps what
 CLIP made. This module holds the projector and the tensor splice; finding the class
-word's positions in a tokenized prompt is `class_tokens`'s job.
+word's positions in a tokenized prompt is `class_words`'s job.
 """
 from __future__ import annotations
 
@@ -19,15 +19,48 @@ class ProjectorConfig:
     """Everything needed to rebuild the projector; stored in the weight file's metadata."""
 
     text_dim: int = 768   # CLIP-L hidden size (SD1.5)
-    face_dim: int = 512   # ArcFace; 128 for dlib
+    face_dim: int = 512   # ArcFace; 128 for dlib; 768 for FastComposer's CLIP image embedding
     hidden_dim: int = 1024
+    # Which network: PROJECTOR_KINDS. Files written before the field existed hold
+    # PortraitBooth's MLP, hence the default.
+    kind: str = "portraitbooth_mlp"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ProjectorConfig":
-        return cls(**{k: int(data[k]) for k in ("text_dim", "face_dim", "hidden_dim")})
+        kind = str(data.get("kind", "portraitbooth_mlp"))
+        if kind not in PROJECTOR_KINDS:
+            raise UnknownProjectorKindError(kind)
+        return cls(**{k: int(data[k]) for k in ("text_dim", "face_dim", "hidden_dim")}, kind=kind)
+
+
+# kind -> what it is; build_projector makes the module for each.
+PROJECTOR_KINDS = {
+    "portraitbooth_mlp": "PortraitBooth STEA MLP (face-recognizer embedding)",
+    "fastcomposer_postfuse": "FastComposer postfuse MLP (CLIP ViT-L/14 image embedding)",
+}
+
+
+class UnknownProjectorKindError(ValueError):
+    """A weight file names a projector network this version of the pack does not have."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        super().__init__(f"projector kind '{kind}' is not one this pack knows ({', '.join(PROJECTOR_KINDS)})")
+
+
+def build_projector(config: ProjectorConfig) -> nn.Module:
+    """The projector network a config (a weight file's metadata) describes; every kind
+    has forward(psi, phi) -> token and a `.config`, so splice_identity runs any of them."""
+    if config.kind == "portraitbooth_mlp":
+        return STEAProjector(config)
+    if config.kind == "fastcomposer_postfuse":
+        from .postfuse import FastComposerPostfuse
+
+        return FastComposerPostfuse(config)
+    raise UnknownProjectorKindError(config.kind)
 
 
 class STEAProjector(nn.Module):
@@ -41,6 +74,8 @@ class STEAProjector(nn.Module):
 
     def __init__(self, config: ProjectorConfig = ProjectorConfig()):
         super().__init__()
+        if config.kind != "portraitbooth_mlp":
+            raise ValueError(f"STEAProjector is the 'portraitbooth_mlp' kind; use build_projector for '{config.kind}'")
         self.config = config
         self.text_norm = nn.LayerNorm(config.text_dim)
         self.face_norm = nn.LayerNorm(config.face_dim)
@@ -59,7 +94,7 @@ class STEAProjector(nn.Module):
 
 
 def splice_identity(cond: torch.Tensor, positions: Sequence[int], faces: torch.Tensor,
-                    projector: STEAProjector, strength: float = 1.0,
+                    projector: nn.Module, strength: float = 1.0,
                     psi: torch.Tensor | None = None,
                     weights: Sequence[float] | None = None) -> torch.Tensor:
     """Replace the class-word embeddings in `cond` by the projector's output.

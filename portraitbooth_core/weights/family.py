@@ -1,7 +1,8 @@
-"""Tell SD1.5 from other Stable Diffusion families by a checkpoint's tensor shapes.
+"""Which Stable Diffusion family a file or a loaded model belongs to; the one SD1.5 check.
 
-Reads only the safetensors header (no weights), so it is cheap enough to run on every
-file in a models folder and gives a precise error before anything is loaded.
+Files: reads only the safetensors header (no weights), so it is cheap enough to run on
+every file in a models folder and gives a precise error before anything is loaded.
+Loaded models and conditionings: the text-context width tells the family.
 """
 from __future__ import annotations
 
@@ -10,6 +11,40 @@ import struct
 from pathlib import Path
 
 UNET = "model.diffusion_model."
+SD15_CONTEXT = 768
+# Text-context width -> family. 1280 is SDXL's refiner.
+CONTEXT_FAMILIES = {768: "sd15", 1024: "sd2", 1280: "sdxl", 2048: "sdxl", 4096: "sd3/flux"}
+FAMILY_NAMES = {"sd15": "SD1.5", "sd2": "SD2", "sdxl": "SDXL", "sd3/flux": "SD3/Flux"}
+
+
+class NotSD15Error(ValueError):
+    """A model or file of another family where PortraitBooth needs SD1.5."""
+
+
+def context_family(context_dim: int | None) -> str:
+    """'sd15', 'sd2', ... or 'unknown' for a text-context width."""
+    return CONTEXT_FAMILIES.get(int(context_dim), "unknown") if context_dim else "unknown"
+
+
+def family_label(context_dim: int | None) -> str:
+    """A name for people: 'SD1.5', 'SDXL', or '<n>-channel' when unknown."""
+    family = context_family(context_dim)
+    return FAMILY_NAMES.get(family, f"{context_dim}-channel")
+
+
+def model_context_dim(model) -> int | None:
+    """Text-context width of a ComfyUI MODEL (ModelPatcher) or BaseModel, read duck-typed."""
+    base = getattr(model, "model", model)
+    config = getattr(getattr(base, "model_config", None), "unet_config", None) or {}
+    return config.get("context_dim")
+
+
+def require_sd15(context_dim: int | None, what: str, fix: str = "") -> None:
+    """Raise NotSD15Error naming `what`, its family and `fix` unless the width is SD1.5's."""
+    if context_dim != SD15_CONTEXT:
+        raise NotSD15Error(f"{what} is not Stable Diffusion 1.5 ({family_label(context_dim)}, text context "
+                           f"{context_dim}; SD1.5 has {SD15_CONTEXT}). PortraitBooth works with SD1.5 only"
+                           + (f": {fix}" if fix else "."))
 
 
 def _raw_header(path: str | Path) -> tuple[int, dict]:
@@ -51,7 +86,7 @@ def family_from_shapes(shapes: dict[str, tuple[int, ...]], prefix: str = UNET) -
             return "sd2"
     if f"{prefix}input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight" in shapes:
         dim = shapes[f"{prefix}input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"][1]
-        return {768: "sd15", 1024: "sd2", 2048: "sdxl"}.get(dim, "unknown")
+        return context_family(dim)
     return "unknown"
 
 

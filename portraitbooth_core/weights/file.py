@@ -1,8 +1,8 @@
 """The PortraitBooth weight file: one .safetensors with the STEA projector, an optional
-UNet patch and JSON metadata (see weightfile_meta).
+UNet patch and JSON metadata (see meta.py).
 
 Layout:
-  stea.*                      projector tensors (STEAProjector.state_dict())
+  stea.*                      projector tensors (state_dict of the kind the metadata names)
   everything else             the UNet patch, in key forms ComfyUI's own LoRA loader maps
                               through comfy.lora.model_lora_keys_unet: kohya
                               `lora_unet_<module>.lora_up/lora_down.weight` + `.alpha`, or
@@ -17,14 +17,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .family import read_safetensors_header, safetensors_expected_size
-from ..stea.projector import STEAProjector
+from .family import CONTEXT_FAMILIES, read_safetensors_header, safetensors_expected_size
+from torch import nn
+
+from ..stea.projector import build_projector
 from .meta import (
     FORMAT_VERSION, METADATA_KEY, PROJECTOR_PREFIX, CorruptWeightFileError, FaceEncoderSpec,
     MissingKeysError, NotPortraitBoothFileError, PortraitBoothInfo, WeightFileError,
@@ -35,15 +37,16 @@ LORA_PAIRS = ((".lora_up.weight", ".lora_down.weight"),)
 PATCH_SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".lora_mid.weight", ".alpha",
                   ".dora_scale", ".diff", ".diff_b")
 # Cross-attention key/value input size = text context size: tells SD1.5 from the rest.
-CONTEXT_FAMILIES = {768: "sd15", 1024: "sd2", 1280: "sdxl", 2048: "sdxl"}
 
 
 @dataclass
 class PortraitBoothModel:
-    """A loaded file: metadata, a ready projector (eval mode, CPU) and the UNet patch."""
+    """A loaded file: metadata, a ready projector (eval mode, CPU) and the UNet patch.
+
+    projector: STEAProjector or FastComposerPostfuse, as info.projector.kind says."""
 
     info: PortraitBoothInfo
-    projector: STEAProjector
+    projector: nn.Module
     unet_patch: dict[str, torch.Tensor] = field(default_factory=dict)
     path: str | None = None
 
@@ -66,11 +69,16 @@ def patch_family(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     return None
 
 
-def save_portraitbooth(path: str | os.PathLike, projector: STEAProjector, face_encoder: FaceEncoderSpec,
+def save_portraitbooth(path: str | os.PathLike, projector: nn.Module, face_encoder: FaceEncoderSpec,
                        unet_patch: Mapping[str, torch.Tensor] | None = None,
-                       class_words=None, emotion_words=None, training: dict | None = None) -> Path:
+                       class_words=None, emotion_words=None, training: dict | None = None,
+                       class_synonyms: Mapping[str, Sequence[str]] | None = None,
+                       defaults: dict | None = None, source: dict | None = None) -> Path:
     """Write a PortraitBooth file atomically (temp file + os.replace): a crash never
-    leaves a half-written file under the real name for ComfyUI to list."""
+    leaves a half-written file under the real name for ComfyUI to list.
+
+    class_synonyms: class word -> other words its captions used for it; the model then
+    accepts those words in prompts as well."""
     path = Path(path)
     patch = dict(unet_patch or {})
     bad = [k for k in patch if k.startswith(PROJECTOR_PREFIX) or not k.endswith(PATCH_SUFFIXES)]
@@ -82,11 +90,14 @@ def save_portraitbooth(path: str | os.PathLike, projector: STEAProjector, face_e
                          f"{projector.config.face_dim}-d")
     info = PortraitBoothInfo(projector=projector.config, face_encoder=face_encoder,
                              training=dict(training or {}),
-                             unet_patch={"format": _patch_format(patch), "tensors": len(patch)})
+                             unet_patch={"format": _patch_format(patch), "tensors": len(patch)},
+                             defaults=dict(defaults or {}), source=dict(source or {}))
     if class_words is not None:
         info = replace(info, class_words=tuple(class_words))
     if emotion_words is not None:
         info = replace(info, emotion_words=tuple(emotion_words))
+    if class_synonyms:
+        info = replace(info, class_synonyms={str(k): tuple(map(str, v)) for k, v in class_synonyms.items()})
     tensors = {PROJECTOR_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous()
                for k, v in projector.state_dict().items()}
     tensors.update({k: v.detach().cpu().contiguous() for k, v in patch.items()})
@@ -138,7 +149,8 @@ def read_info(path: str | os.PathLike) -> tuple[PortraitBoothInfo, dict[str, tup
 
 
 def _check_keys(info: PortraitBoothInfo, shapes: Mapping[str, tuple], source: str) -> None:
-    reference = STEAProjector(info.projector)
+    with torch.device("meta"):  # shapes only
+        reference = build_projector(info.projector)
     want = {PROJECTOR_PREFIX + k: tuple(v.shape) for k, v in reference.state_dict().items()}
     missing = sorted(k for k in want if k not in shapes)
     patch = [k for k in shapes if not k.startswith(PROJECTOR_PREFIX)]
@@ -173,7 +185,7 @@ def load_portraitbooth(path: str | os.PathLike, expected_embedding_kind: str | N
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise CorruptWeightFileError(f"{os.path.basename(path)} could not be read ({exc}). "
                                      f"Download it again.") from None
-    projector = STEAProjector(info.projector)
+    projector = build_projector(info.projector)
     projector.load_state_dict({k[len(PROJECTOR_PREFIX):]: v for k, v in tensors.items()
                                if k.startswith(PROJECTOR_PREFIX)})
     projector.eval().requires_grad_(False)

@@ -8,15 +8,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from ..stea.class_words import DEFAULT_CLASS_WORDS
-from ..ecac.expression_words import EMOTIONS
-from ..stea.projector import ProjectorConfig
+from ..stea.projector import PROJECTOR_KINDS, ProjectorConfig, UnknownProjectorKindError
+from ..vocabulary import DEFAULT_CLASS_WORDS, DEFAULT_EMOTION_WORDS, accepted_class_words
 
 FORMAT_VERSION = 1
 METADATA_KEY = "portraitbooth"
 PROJECTOR_PREFIX = "stea."
-# The 11 ECAC emotion categories, from the one table nodes and training share.
-DEFAULT_EMOTION_WORDS = tuple(EMOTIONS)
 
 
 class WeightFileError(ValueError):
@@ -54,6 +51,7 @@ class FaceEncoderSpec:
     kind: str          # portraitbooth_core.face Identity.kind, e.g. "arcface:antelopev2/glintr100.onnx"
     dim: int
     feature: str = "final"  # which recognizer output: the final normalized embedding
+    description: str = ""   # for people, e.g. "CLIP ViT-L/14 image embedding"
 
     @property
     def family(self) -> str:
@@ -67,21 +65,39 @@ class PortraitBoothInfo:
     class_words: tuple[str, ...] = DEFAULT_CLASS_WORDS
     emotion_words: tuple[str, ...] = DEFAULT_EMOTION_WORDS
     training: dict = field(default_factory=dict)
+    # class word -> the synonyms its training captions used ("man" -> ["boy"]): the model
+    # accepts those too. Optional in the file; absent in files written before it existed.
+    class_synonyms: dict = field(default_factory=dict)
     unet_patch: dict = field(default_factory=lambda: {"format": "none", "tensors": 0})
+    # Inference defaults the model was made for, e.g. {"start_percent": 0.3} (FastComposer's
+    # delayed conditioning), and where the weights came from. Optional in the file.
+    defaults: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
     base: str = "sd15"
     format_version: int = FORMAT_VERSION
+
+    @property
+    def accepted_words(self) -> tuple[str, ...]:
+        """Every word Apply STEA attaches an identity to: class words, then their synonyms."""
+        return accepted_class_words(self.class_words, self.class_synonyms)
 
     def to_json(self) -> str:
         return json.dumps({
             "format_version": self.format_version,
             "base": self.base,
             "face_encoder": {"kind": self.face_encoder.kind, "dim": self.face_encoder.dim,
-                             "feature": self.face_encoder.feature},
+                             "feature": self.face_encoder.feature,
+                             **({"description": self.face_encoder.description}
+                                if self.face_encoder.description else {})},
             "projector": self.projector.to_dict(),
             "class_words": list(self.class_words),
             "emotion_words": list(self.emotion_words),
+            **({"class_synonyms": {k: list(v) for k, v in self.class_synonyms.items()}}
+               if self.class_synonyms else {}),
             "unet_patch": self.unet_patch,
             "training": self.training,
+            **({"defaults": self.defaults} if self.defaults else {}),
+            **({"source": self.source} if self.source else {}),
         }, sort_keys=True)
 
     @classmethod
@@ -110,12 +126,19 @@ class PortraitBoothInfo:
             face = data["face_encoder"]
             info = cls(
                 projector=ProjectorConfig.from_dict(data["projector"]),
-                face_encoder=FaceEncoderSpec(str(face["kind"]), int(face["dim"]), str(face.get("feature", "final"))),
+                face_encoder=FaceEncoderSpec(str(face["kind"]), int(face["dim"]), str(face.get("feature", "final")),
+                                             str(face.get("description", ""))),
                 class_words=tuple(str(w) for w in data["class_words"]),
                 emotion_words=tuple(str(w) for w in data.get("emotion_words", DEFAULT_EMOTION_WORDS)),
+                class_synonyms=_synonyms(data.get("class_synonyms", {})),
                 training=dict(data.get("training", {})),
                 unet_patch=dict(data.get("unet_patch", {"format": "none", "tensors": 0})),
+                defaults=dict(data.get("defaults", {})), source=dict(data.get("source", {})),
                 base=base, format_version=version)
+        except UnknownProjectorKindError as exc:
+            raise NewerFormatError(
+                f"{source} holds a '{exc.kind}' projector, which this node pack does not know (it knows "
+                f"{', '.join(PROJECTOR_KINDS)}). Update the PortraitBooth node pack (ComfyUI Manager or git pull).") from None
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptWeightFileError(f"{source}: its PortraitBooth metadata is incomplete or malformed "
                                          f"(problem with {exc}).") from None
@@ -126,6 +149,13 @@ class PortraitBoothInfo:
         if not info.class_words:
             raise CorruptWeightFileError(f"{source}: its metadata lists no class words.")
         return info
+
+
+def _synonyms(raw) -> dict[str, tuple[str, ...]]:
+    if not isinstance(raw, dict) or not all(isinstance(v, list) and all(isinstance(w, str) for w in v)
+                                            for v in raw.values()):
+        raise ValueError("class_synonyms (expected an object of word lists)")
+    return {str(k): tuple(v) for k, v in raw.items()}
 
 
 def check_embedding(info: PortraitBoothInfo, kind: str | None, dim: int | None) -> str | None:
@@ -142,6 +172,14 @@ def check_embedding(info: PortraitBoothInfo, kind: str | None, dim: int | None) 
             f"This PortraitBooth model expects {want.dim}-d face embeddings from '{want.kind}', but the face "
             f"encoder gives {dim}-d embeddings{f' ({kind})' if kind else ''}. Choose the '{want.kind}' face "
             f"encoder in the face nodes, or use a PortraitBooth file trained for this encoder.")
+    if kind and kind.split(":", 1)[0] != want.family and "clip_vision" in (want.family, kind.split(":", 1)[0]):
+        raise EmbeddingMismatchError(
+            f"This PortraitBooth model ({info.projector.kind}) was trained on '{want.kind}' embeddings"
+            f"{f' ({want.description})' if want.description else ''}, but the identity comes from '{kind}'. "
+            + ("Make the identity with the CLIP vision encoder (a CLIP ViT-L/14 image embedding of the photo), "
+               "not a face recognizer." if want.family == "clip_vision" else
+               "Make the identity with a face recognizer (face analysis nodes), not the CLIP vision encoder; "
+               "CLIP image embeddings feed FastComposer's projector only."))
     if kind and kind.split(":", 1)[0] != want.family:
         raise EmbeddingMismatchError(
             f"This PortraitBooth model was trained on '{want.kind}' embeddings, but the face embedding comes "

@@ -11,18 +11,16 @@ import torch
 from portraitbooth_core.ecac.capture import AttentionCapture
 from portraitbooth_core.ecac.loss import resize_mask
 from portraitbooth_core.ecac.layers import install_on_layers
-from ..losses import dip_identity_loss
-from ..step import comfy_attention
+from portraitbooth_core.dip.estimate import noised_latent, sigma_at
+from portraitbooth_core.dip.identity_loss import dip_identity_loss
 
 
 def _noisy(trainer, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(clean latent, noisy latent, sigma) as TrainModule.forward makes them."""
     models = trainer.models
-    acp = models.alphas_cumprod.to(models.device)
     z0 = models.encode_pixels(batch.images)
-    abar = acp[batch.timesteps]
-    sigma = ((1 - abar) / abar).sqrt()
-    return z0, z0 + sigma.view(-1, 1, 1, 1) * batch.noise, sigma
+    sigma = sigma_at(models.alphas_cumprod.to(models.device), batch.timesteps)
+    return z0, noised_latent(z0, batch.noise, sigma), sigma
 
 
 def with_embeddings(batch, embeddings: torch.Tensor):
@@ -61,7 +59,7 @@ def ecac_effect(trainer, batch) -> dict:
     capture = AttentionCapture({"identity": batch.identity_positions, "expression": batch.expression_positions},
                                differentiable=True)  # keeps every layer's maps (no store needed)
     attn2: dict = {}
-    install_on_layers(attn2, module.layers, lambda _layer: capture, comfy_attention)
+    install_on_layers(attn2, module.layers, lambda _layer: capture)
     _, x, sigma = _noisy(trainer, batch)
     models.base.apply_model(x, sigma, c_crossattn=module.conditioning(batch),
                             transformer_options={"patches_replace": {"attn2": attn2}})
@@ -91,7 +89,7 @@ def dip_effect(trainer, batch, recognizer) -> dict:
     denoised = models.base.apply_model(x, sigma, c_crossattn=trainer.module.conditioning(batch)).float()
 
     def similarity(latents: torch.Tensor) -> float:
-        loss = dip_identity_loss(models, recognizer, latents, batch.references, batch.landmarks,
+        loss = dip_identity_loss(models.decode_latents, recognizer, latents, batch.references, batch.landmarks,
                                  trainer.resolution, cfg.dip_region, cfg.dip_margin)
         return 1.0 - float(loss)
 
