@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
+import diffusers  # noqa: E402,F401  (requirements-test.txt)
+import transformers  # noqa: E402,F401
 
 from portraitbooth_core.face.clip_image import (  # noqa: E402
     CLIP_VISION_KIND, CROP_MODES, clip_image_identity, person_crop_box,

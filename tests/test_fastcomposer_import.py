@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+import diffusers  # noqa: F401  (requirements-test.txt: the references these tests compare with)
+import transformers  # noqa: F401
 
 from portraitbooth_core.face.clip_image import (  # noqa: E402
     CLIP_VISION_KIND, clip_image_identity, fastcomposer_pixels, normalize_pixels, pad_to_square,
@@ -27,29 +27,14 @@ from portraitbooth_core.weights.file import load_portraitbooth  # noqa: E402
 from portraitbooth_core.weights.meta import EmbeddingMismatchError, check_embedding  # noqa: E402
 from training import fastcomposer as fc  # noqa: E402
 from training.__main__ import main as cli  # noqa: E402
+from standins.fastcomposer import POSTFUSE_SHAPES, TINY_TEXT, TINY_UNET, TINY_VAE, VISION  # noqa: E402
 
-# Two levels (attention + plain) so down/upsamplers and skip convs are mapped too; 320
-# channels and a 768-wide context are what ComfyUI needs to detect SD1.5.
-TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                 block_out_channels=(320, 640), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
-                 attention_head_dim=8, norm_num_groups=32)
+# The small release's configs are the stand-in's (standins/fastcomposer.py): the file the
+# server tests import is built from the same ones.
+TINY_VISION, VIT_L14 = VISION["tiny"], VISION["vit-l"]
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # rest: diffusers' defaults = SD1.5
-TINY_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                   image_size=224, patch_size=32, projection_dim=768, hidden_act="quick_gelu")
-VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-               image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-TINY_TEXT = dict(hidden_size=768, intermediate_size=64, num_hidden_layers=1, num_attention_heads=12,
-                 vocab_size=1000, max_position_embeddings=77, bos_token_id=998, eos_token_id=999)
 CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                    vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
-TINY_VAE = dict(block_out_channels=(32,), down_block_types=("DownEncoderBlock2D",),
-                up_block_types=("UpDecoderBlock2D",), layers_per_block=1, latent_channels=4, norm_num_groups=32)
-POSTFUSE_SHAPES = {"mlp1.layernorm.weight": (1536,), "mlp1.layernorm.bias": (1536,), "mlp1.fc1.weight": (768, 1536),
-                   "mlp1.fc1.bias": (768,), "mlp1.fc2.weight": (768, 768), "mlp1.fc2.bias": (768,),
-                   "mlp2.layernorm.weight": (768,), "mlp2.layernorm.bias": (768,), "mlp2.fc1.weight": (768, 768),
-                   "mlp2.fc1.bias": (768,), "mlp2.fc2.weight": (768, 768), "mlp2.fc2.bias": (768,),
-                   "layer_norm.weight": (768,), "layer_norm.bias": (768,)}
 
 
 def _models(unet_cfg=TINY_UNET, vision_cfg=TINY_VISION, text_cfg=TINY_TEXT, vae_cfg=TINY_VAE):

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
+import diffusers  # noqa: E402,F401  (requirements-test.txt)
+import transformers  # noqa: E402,F401
 
 from conftest import started_server  # noqa: E402
 from headless import comfyui as host  # noqa: E402
