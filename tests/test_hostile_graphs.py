@@ -114,23 +114,18 @@ def _hostile_datasets(inp: Path, dataset_dir: Path, secret: Path) -> None:
         shutil.copytree(dataset_dir, folder)
         return folder
 
-    def edit(path: Path, change) -> None:
-        data = json.loads(path.read_text())
-        change(data)
-        path.write_text(json.dumps(data))
-
     d = copy("ds_traversal")
-    edit(d / "index.json", lambda x: x["shards"][0].update(name="../../../../../../" + str(secret / "x")[1:]))
+    edit_json(d / "index.json", lambda x: x["shards"][0].update(name="../../../../../../" + str(secret / "x")[1:]))
     d = copy("ds_absolute")
-    edit(d / "index.json", lambda x: x["shards"][0].update(name=str(secret / "x")))
+    edit_json(d / "index.json", lambda x: x["shards"][0].update(name=str(secret / "x")))
     d = copy("ds_tar")
     first = json.loads((d / "index.json").read_text())["shards"][0]["name"]
-    edit(d / f"{first}.json", lambda x: x.update(tar=str(secret / "model.onnx")))
+    edit_json(d / f"{first}.json", lambda x: x.update(tar=str(secret / "model.onnx")))
     d = copy("ds_symlink")
     (d / f"{first}.json").unlink()
     (d / f"{first}.json").symlink_to(secret / "x.json")
     d = copy("ds_recognizer")
-    edit(d / "index.json", lambda x: x["face_encoder"].update(recognizer={"pack": "..", "file": "/etc/passwd"})
+    edit_json(d / "index.json", lambda x: x["face_encoder"].update(recognizer={"pack": "..", "file": "/etc/passwd"})
          or x["shards"][0].update(name="../x"))
     d = inp / "ds_notjson"
     d.mkdir()

@@ -18,12 +18,6 @@ def dataset_copy(dataset_dir, tmp_path) -> Path:
     return folder
 
 
-def _edit_json(path: Path, change) -> None:
-    data = json.loads(path.read_text())
-    change(data)
-    path.write_text(json.dumps(data))
-
-
 def test_core_rule_refuses_traversal_absolute_symlinks_nul_and_overlong(tmp_path):
     from portraitbooth_core.paths import (BadInputError, PathNotAllowedError, check_choice, check_file_name,
                                           check_under_roots, inside)
@@ -71,22 +65,22 @@ def test_dataset_shard_names_that_leave_the_dataset_are_refused(dataset_copy, tm
     (secret / "x.json").write_text(json.dumps({"tar": "x.tar", "samples": {}}))
     for name in ("../secret/x", str(secret / "x"), "../../../../etc/passwd"):
         (dataset_copy / "index.json").write_text(original)
-        _edit_json(dataset_copy / "index.json", lambda d: d["shards"][0].__setitem__("name", name))
+        edit_json(dataset_copy / "index.json", lambda d: d["shards"][0].__setitem__("name", name))
         with pytest.raises(PathNotAllowedError, match=r"index.json shards\[0\].name: "):
             ShardReader(dataset_copy)
     (dataset_copy / "index.json").write_text(original)
     first = json.loads(original)["shards"][0]["name"]
     for tar in ("../secret/x.tar", "/etc/passwd"):
-        _edit_json(dataset_copy / f"{first}.json", lambda d: d.__setitem__("tar", tar))
+        edit_json(dataset_copy / f"{first}.json", lambda d: d.__setitem__("tar", tar))
         with pytest.raises(PathNotAllowedError, match=rf"{first}.json field 'tar': "):
             ShardReader(dataset_copy)
     # a symlink inside the dataset that leads out of it
     (secret / "x.tar").write_bytes(b"")
     (dataset_copy / "escape.tar").symlink_to(secret / "x.tar")
-    _edit_json(dataset_copy / f"{first}.json", lambda d: d.__setitem__("tar", "escape.tar"))
+    edit_json(dataset_copy / f"{first}.json", lambda d: d.__setitem__("tar", "escape.tar"))
     with pytest.raises(PathNotAllowedError, match="leads out of its folder"):
         ShardReader(dataset_copy)
-    _edit_json(dataset_copy / f"{first}.json", lambda d: d.update(tar=f"{first}.tar", samples={"k": {"jpg": [-1, 2]}}))
+    edit_json(dataset_copy / f"{first}.json", lambda d: d.update(tar=f"{first}.tar", samples={"k": {"jpg": [-1, 2]}}))
     with pytest.raises(ValueError, match=r"must map members to \[offset, size\]"):
         ShardReader(dataset_copy)
 
@@ -119,7 +113,7 @@ def test_trainer_run_by_a_node_never_opens_a_recorded_absolute_recognizer(datase
 
     opened = []
     monkeypatch.setattr(trainer_module, "TorchArcFace", lambda path, *a: opened.append(path))
-    _edit_json(dataset_copy / "index.json",
+    edit_json(dataset_copy / "index.json",
                lambda d: d["face_encoder"].pop("recognizer") and d["face_encoder"].__setitem__(
                    "recognizer_path", "/etc/passwd"))
     t = trainer_module.Trainer.__new__(trainer_module.Trainer)

@@ -83,3 +83,12 @@ def train_config(dataset: Path, output: Path, **overrides):
             "output": str(output), "steps": 2, "micro_batch": 2, "lr": 1e-3, "id_max_timestep": 999,
             "save_every": 1000, "lora_rank": 4, "lora_alpha": 4.0}
     return load_config(None, {**base, **overrides})
+
+
+def edit_json(path: Path, change) -> None:
+    """Apply `change` to the JSON file at `path` in place (tests hand-edit dataset files)."""
+    import json
+
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
