@@ -66,6 +66,10 @@ def benches(cuda: bool) -> list[Bench]:
         Bench("regions_cost.py", 120),
         Bench("train_step.py", 120),
         Bench("face_timing.py", 90, full=face_full, quick=face_quick),
+        # Training data path and dataset builder throughput (cluster issue's figures).
+        Bench("data_path.py", 60),
+        Bench("precompute_gain.py", 60),
+        Bench("build_throughput.py", 60),
     ]
 
 

@@ -59,7 +59,7 @@ def build_dataset(resolution: int, full: bool, count: int = 8) -> Path:
     from training.captions import TokenFinder
     from training.shards import FORMAT, INDEX, ShardWriter, write_json_atomic
 
-    out = cache_dir() / f"data_{resolution}"
+    out = cache_dir() / (f"data_{resolution}" if count == 8 else f"data_{resolution}_{count}")
     recognizer = cache_dir() / ("r100_standin.onnx" if full else "small_standin.onnx")
     if not recognizer.is_file():
         kwargs = {"widths": (64, 128, 256, 512), "blocks": (3, 13, 30, 3)} if full else {}

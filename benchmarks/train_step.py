@@ -33,7 +33,7 @@ for extra in (REPO, REPO / "tests"):
 from benchmarks.train_standins import build_checkpoint, build_dataset, cache_dir  # noqa: E402
 
 
-def make_trainer(full: bool):
+def make_trainer(full: bool, micro_batch: int | None = None, count: int = 8):
     import torch
 
     from training.config import load_config
@@ -42,8 +42,8 @@ def make_trainer(full: bool):
 
     resolution = 512 if full else 64
     cuda = torch.cuda.is_available()
-    config = load_config(None, {"checkpoint": str(build_checkpoint(full)), "dataset": str(build_dataset(resolution, full)),
-                                "output": str(cache_dir() / "run"), "mode": "full", "micro_batch": 2 if not full else 4,
+    config = load_config(None, {"checkpoint": str(build_checkpoint(full)), "dataset": str(build_dataset(resolution, full, count)),
+                                "output": str(cache_dir() / "run"), "mode": "full", "micro_batch": micro_batch or (2 if not full else 4),
                                 "save_every": 10**6, "log_every": 10**6})
     device = torch.device("cuda") if cuda else torch.device("cpu")
     return Trainer(config, Dist(device=device), resume=False), resolution
@@ -150,7 +150,9 @@ def main() -> None:
     base = side_fn(trainer, "baseline")
     sides = ("paper", "recipe", "loc_only", "id_only") if cuda or args.full else ("paper", "recipe")
     for side in sides:
-        compare(f"train_step_{side}_vs_noise_only", base, side_fn(trainer, side), pairs=pairs, target=1.5,
+        # The recipe's average step has the tighter target (cluster issue: <= 1.25x on a GPU).
+        compare(f"train_step_{side}_vs_noise_only", base, side_fn(trainer, side), pairs=pairs,
+                target=1.25 if side == "recipe" else 1.5,
                 config={**config, "side": side, "what": SIDES[side]})
     memory = {}
     for side in ("baseline", "paper"):

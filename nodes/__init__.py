@@ -1,7 +1,8 @@
 """ComfyUI node classes (V3 schema). Thin: every node calls `portraitbooth_core`.
 
 One module per node family, named after it; each exports `NODES`, the classes it registers:
-  face_analysis  Load FaceEncoder, Analyze Faces       identity     Mix Identities
+  face_analysis  Load FaceEncoder, Analyze Faces       identity     Mix Identities, Save Identity,
+                                                                   Load Identity (identity files)
   clip_identity  CLIP Vision Identity (FastComposer's subject embedding)
   stea           Load PortraitBooth Model, Apply STEA   ecac         ECAC Attention Patch, Attention Map Preview
   regions        PortraitBooth Region, Multi-Subject Region Sampler

@@ -22,7 +22,8 @@ from .stea import FOLDER
 
 CATEGORY = "PortraitBooth/training"
 RUNS = "portraitbooth_runs"
-PATH_SETTINGS = {"checkpoint", "dataset", "output", "recognizer", "export_name"}
+PATH_SETTINGS = {"checkpoint", "dataset", "output", "recognizer", "export_name",
+                 "init_unet", "stage0_teacher", "stage0_clip_vision"}  # warm start: the CLI's (no node input yet)
 MODES = ["lora", "full", "frozen"]
 
 
@@ -69,7 +70,9 @@ class DIPTrainer(io.ComfyNode):
                                         "recognizer is neither found nor given stops the node before training "
                                         "(or put id_weight=0 in extra_settings to train without it)."),
                 io.String.Input("extra_settings", default="", multiline=True, optional=True,
-                                tooltip="More settings, one key=value per line (see training/config.py)."),
+                                tooltip="More settings, one key=value per line (see training/config.py). The node "
+                                        "loads data in its own process (num_workers=0); for a long run use the "
+                                        "`python -m training train` command, whose loader uses worker processes."),
                 io.Boolean.Input("overwrite", default=False, optional=True,
                                  tooltip="Replace an existing models/portraitbooth/<output_name>.safetensors. Off: "
                                          "an existing file stops the node before training."),
@@ -108,6 +111,10 @@ class DIPTrainer(io.ComfyNode):
             "output": run_dir, "mode": mode, "steps": steps, "micro_batch": batch_size, "grad_accum": grad_accum,
             "lr": learning_rate, "lora_rank": lora_rank, "lora_alpha": float(lora_rank), "save_every": save_every,
             "seed": seed, "gradient_checkpointing": gradient_checkpointing, "recognizer": rec,
+            # Loader worker processes would be forked from ComfyUI's threaded server, where a
+            # lock held by another thread at fork time can hang the child: load in-process
+            # unless extra_settings asks for workers.
+            "num_workers": 0,
         } | _overrides(extra_settings)
         if os.path.lexists(target) and not overwrite:
             raise FileExistsError(
@@ -158,8 +165,10 @@ def _overrides(text: str) -> dict:
     lines = [line.strip() for line in (text or "").splitlines() if "=" in line and not line.strip().startswith("#")]
     paths = sorted({line.split("=", 1)[0].strip() for line in lines} & PATH_SETTINGS)
     if paths:
+        warm = " (init_unet and stage0_* warm-start settings: `python -m training train` only)" \
+            if any(p in ("init_unet", "stage0_teacher", "stage0_clip_vision") for p in paths) else ""
         raise ValueError(f"extra_settings may not set {', '.join(paths)}: use the node's own inputs, whose "
-                         f"paths are checked.")
+                         f"paths are checked{warm}.")
     return settings_from_text(text or "", "extra_settings")
 
 

@@ -7,8 +7,9 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from portraitbooth_core.face import (DETECTORS, NO_FACE_ACTIONS, PROVIDER_CHOICES, RECOGNIZERS, SELECT_RULES,
-                                     PackError, build_encoder, find_packs, find_parsing_weights, uint8_to_comfy)
+from portraitbooth_core.face import (COMBINE_MODES, DETECTORS, EMBEDDING_FORMS, MEAN_OF_NORMALISED,
+                                     NO_FACE_ACTIONS, PROVIDER_CHOICES, RECOGNIZERS, SELECT_RULES, PackError,
+                                     build_encoder, find_packs, find_parsing_weights, uint8_to_comfy)
 
 from .contracts import FaceEmbedding, FaceEncoder
 from .paths import checked_inputs, validate_widget_inputs
@@ -37,8 +38,10 @@ class LoadFaceEncoder(io.ComfyNode):
             description="Face detector + recognizer + face-mask maker used to turn photos into an identity.",
             inputs=[
                 io.Combo.Input("pack", options=[NO_PACK, *_packs()], default=NO_PACK,
-                               tooltip=f"insightface model pack (antelopev2, buffalo_l, ...) found in {roots}; "
-                                       "or none: RetinaFace + dlib, shipped in pip packages, no download."),
+                               tooltip=f"insightface model pack (antelopev2, buffalo_l, ...) found in {roots} "
+                                       "(a pack unzipped into <pack>/<pack>/ is found too); run by the insightface "
+                                       "package, as IPAdapter FaceID, InstantID and PuLID run it; never downloaded. "
+                                       "Or none: RetinaFace + dlib, shipped in pip packages, no insightface needed."),
                 io.Combo.Input("detector", options=list(DETECTORS), default="auto",
                                tooltip="auto: the pack's SCRFD when a pack is chosen, else RetinaFace."),
                 io.Combo.Input("recognizer", options=list(RECOGNIZERS), default="auto",
@@ -48,7 +51,9 @@ class LoadFaceEncoder(io.ComfyNode):
                                tooltip="onnxruntime device. auto uses CUDA when onnxruntime-gpu offers it and "
                                        "says in the console when it falls back to CPU."),
                 io.Int.Input("det_size", default=640, min=160, max=1280, step=32,
-                             tooltip="SCRFD input size in pixels; larger finds smaller faces, slower."),
+                             tooltip="SCRFD input size in pixels; larger finds smaller faces, slower. When no "
+                                     "face is found it retries at smaller sizes (64 px steps down to 256), as "
+                                     "IPAdapter FaceID does. Fixed-size exports run at their own size."),
                 io.Boolean.Input("mask_ears", default=False, tooltip="Include ears in the face mask (parsing only)."),
                 io.Boolean.Input("mask_hair", default=False, tooltip="Include hair in the face mask (parsing only)."),
                 io.Boolean.Input("mask_neck", default=False, tooltip="Include the neck in the face mask (parsing only)."),
@@ -92,14 +97,31 @@ class AnalyzeFaces(io.ComfyNode):
                 io.Image.Input("images", tooltip="One or more photos of the same person (a batch); "
                                                  "their embeddings are averaged."),
                 io.Combo.Input("select", options=list(SELECT_RULES), default="largest",
-                               tooltip="Which face to use when a photo shows several: the largest, or the one at "
-                                       "face_index counting from the left (0 = leftmost)."),
+                               tooltip="Which face to use when a photo shows several (the face order, recorded on "
+                                       "the identity): the largest (InstantID's and PuLID's rule), the highest "
+                                       "detection score (IPAdapter FaceID's: insightface's first face), or the one "
+                                       "at face_index counting from the left (0 = leftmost)."),
                 io.Int.Input("face_index", default=0, min=0, max=64,
                              tooltip="Used with select=index: 0 is the leftmost face."),
                 io.Combo.Input("on_no_face", options=list(NO_FACE_ACTIONS), default="error",
                                tooltip="error: stop and name the photo; skip: leave photos without a face out."),
-                io.Float.Input("det_threshold", default=0.6, min=0.05, max=0.99, step=0.01,
-                               tooltip="Detection confidence; lower it if a real face is missed."),
+                io.Float.Input("det_threshold", default=0.5, min=0.05, max=0.99, step=0.01,
+                               tooltip="Detection confidence; lower it if a real face is missed. 0.5 is "
+                                       "insightface's default, which IPAdapter FaceID, InstantID and PuLID use."),
+                # optional: graphs saved before these existed still queue, with today's result
+                io.Combo.Input("combine", options=list(COMBINE_MODES), default=MEAN_OF_NORMALISED, optional=True,
+                               tooltip="How several photos become one identity. 'mean of normalised embeddings': "
+                                       "every photo counts the same. 'normalised mean': raw embeddings averaged, "
+                                       "so photos the recognizer is surer about (sharp, frontal) count more."),
+                io.String.Input("weights", default="", optional=True,
+                                tooltip="Per-photo weights in batch order, e.g. '1, 0.5, 2': one number >= 0 per "
+                                        "photo, not all 0. Empty: equal weights. Photos skipped for having no "
+                                        "face drop their weight."),
+                io.Combo.Input("embedding", options=list(EMBEDDING_FORMS), default=EMBEDDING_FORMS[0], optional=True,
+                               tooltip="normalised: L2-normalised embeddings (IPAdapter FaceID's normed_embedding, "
+                                       "and what PortraitBooth models are trained on). raw: the recognizer's "
+                                       "output as it is (InstantID's and PuLID's embedding). Recorded on the "
+                                       "identity; a model trained on the other form refuses it."),
             ],
             outputs=[
                 FaceEmbedding.Output(display_name="face_embedding"),
@@ -113,9 +135,11 @@ class AnalyzeFaces(io.ComfyNode):
 
     @classmethod
     @checked_inputs
-    def execute(cls, face_encoder, images, select, face_index, on_no_face, det_threshold) -> io.NodeOutput:
+    def execute(cls, face_encoder, images, select, face_index, on_no_face, det_threshold,
+                combine=MEAN_OF_NORMALISED, weights="", embedding=EMBEDDING_FORMS[0]) -> io.NodeOutput:
         analysis = face_encoder.analyze(images, select=select, face_index=face_index,
-                                        on_no_face=on_no_face, det_threshold=det_threshold)
+                                        on_no_face=on_no_face, det_threshold=det_threshold,
+                                        combine=combine, weights=weights or None, embedding=embedding)
         print(analysis.report, flush=True)
         return io.NodeOutput(analysis.identity, analysis.masks(), uint8_to_comfy(analysis.previews),
                              analysis.report)

@@ -122,7 +122,9 @@ class ApplySTEAConditioning(io.ComfyNode):
                                         "subject; weights like (man:1.2) and long prompts work."),
                 io.String.Input("class_word", default="",
                                 tooltip="Empty: any class word the model knows. Or restrict to words, comma "
-                                        "separated, e.g. 'woman'."),
+                                        "separated, e.g. 'woman'. 'auto': the words that fit each face's "
+                                        "gender as the pack's gender/age model estimated it (woman, girl, "
+                                        "lady, ... or man, boy, ...; 'person' always fits)."),
                 io.Int.Input("occurrence", default=0, min=0, max=64,
                              tooltip="0: subjects take the first class words in prompt order. k: start at the "
                                      "k-th occurrence (e.g. 2 = the second 'man')."),

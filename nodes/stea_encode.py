@@ -19,7 +19,7 @@ from portraitbooth_core.face.types import Identity
 from portraitbooth_core.stea.projector import splice_identity
 from portraitbooth_core.weights.file import PortraitBoothModel
 from portraitbooth_core.weights.meta import check_embedding
-from portraitbooth_core.vocabulary import expression_words
+from portraitbooth_core.vocabulary import SYNONYM_TO_CLASS, class_word_for, expression_words
 
 from .contracts import STEAEntry, write_stea
 
@@ -49,6 +49,23 @@ def as_identities(*faces) -> list[Identity]:
     return out
 
 
+AUTO = "auto"  # class_word value: the words that fit each face's estimated gender
+
+
+def auto_class_words(identities: Sequence[Identity], accepted: Sequence[str]) -> list[str]:
+    """class_word 'auto': the accepted words that fit the identities' genders as a pack's
+    gender/age model estimated them (all of 'woman', 'girl', 'lady', ... for a woman) plus
+    the neutral ones ('person'). [] (any accepted word) when an identity has no estimate."""
+    classes = set()
+    for face in identities:
+        word = class_word_for(face.gender, face.age, default="")
+        if not word:
+            return []
+        classes.add(SYNONYM_TO_CLASS.get(word, word))
+    fitting = [w for w in accepted if w not in SYNONYM_TO_CLASS or SYNONYM_TO_CLASS[w] in classes]
+    return fitting if any(w in SYNONYM_TO_CLASS for w in fitting) else []
+
+
 def _unit_weights(tokens: dict) -> dict:
     return {k: [[(t[0], 1.0, *t[2:]) for t in chunk] for chunk in chunks] for k, chunks in tokens.items()}
 
@@ -76,7 +93,9 @@ def encode_with_identity(clip, text: str, identities: Sequence[Identity], model:
         raise ValueError(f"face embeddings come from different recognizers ({', '.join(sorted(kinds))}); "
                          f"use one FaceEncoder for every subject.")
     for face in identities:
-        warning = check_embedding(info, face.kind, face.dim)
+        # A raw identity for a model trained on normalised ones (or the reverse) is refused here.
+        warning = check_embedding(info, face.kind, face.dim, normalized=face.normalized,
+                                  face_order=face.face_order or None)
         if warning:
             log.warning("PortraitBooth: %s", warning)
     tokens = clip.tokenize(text)
@@ -85,7 +104,8 @@ def encode_with_identity(clip, text: str, identities: Sequence[Identity], model:
                          f"text encoders {', '.join(sorted(tokens))}.")
     # The class words plus the synonyms its training captions used ("boy" for "man").
     matcher = clip_matcher(clip, info.accepted_words)
-    words = parse_words(class_word)
+    words = (auto_class_words(identities, info.accepted_words) if class_word.strip().lower() == AUTO
+             else parse_words(class_word))
     hits = select_subjects(matcher.find(tokens[CLIP_KEY]), len(identities), matcher.words, words, occurrence)
     positions = [h.position for h in hits]
     weights = [h.weight for h in hits]

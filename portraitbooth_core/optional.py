@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 from types import ModuleType
 
 # import name -> pip requirement
@@ -21,7 +22,19 @@ PIP_NAMES = {
     "insightface": "insightface",
     "bitsandbytes": "bitsandbytes",
     "tensorboard": "tensorboard",
+    "transformers": "transformers",
 }
+
+
+def _install_commands(package: str) -> list[str]:
+    """pip command line(s) installing `package` into the Python that runs this code."""
+    pip = f"{sys.executable} -m pip install"
+    if package == "insightface":
+        # insightface's wheel declares opencv-python; pip would put it beside an installed
+        # opencv-python-headless and break cv2. Its other dependencies come from our list.
+        reqs = Path(__file__).resolve().parent.parent / "requirements-insightface.txt"
+        return [f"{pip} -r {reqs}", f"{pip} --no-deps insightface==2.1"]
+    return [f"{pip} {package}"]
 
 
 class MissingDependencyError(ImportError):
@@ -31,10 +44,11 @@ class MissingDependencyError(ImportError):
         self.module = module
         self.package = PIP_NAMES.get(module, module)
         why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        commands = "".join(f"    {c}\n" for c in _install_commands(self.package))
         super().__init__(
             f"{feature} needs the Python package '{self.package}', which could not be "
             f"imported{why}. Install it into the Python that runs ComfyUI with:\n"
-            f"    {sys.executable} -m pip install {self.package}\n"
+            f"{commands}"
             "then restart ComfyUI."
         )
 

@@ -89,3 +89,33 @@ def accepted_class_words(class_words: Sequence[str], synonyms: Mapping[str, Sequ
     for cls in class_words:
         words += [w.strip().lower() for w in (synonyms or {}).get(cls, ()) if w.strip()]
     return tuple(dict.fromkeys(words))
+
+
+# Below this estimated age a face is named with the young word of its class ("boy", "girl")
+# when the synonym table has one; the canonical word stays what the model learns.
+ADULT_AGE = 18.0
+_MALE = {"m", "male", "man", "boy", "1"}
+_FEMALE = {"f", "female", "woman", "girl", "0"}
+
+
+def class_word_for(gender: str | int | None, age: float | None, default: str = "person",
+                   synonyms: Mapping[str, Sequence[str]] = CLASS_WORDS) -> str:
+    """The word naming a face's subject in a caption that has none, from a face model's
+    gender/age estimate (insightface's genderage: gender 1 = male, 0 = female, or "M"/"F").
+
+    A child is "boy"/"girl" when `synonyms` lists that word (it normalizes to its class word
+    and is recorded as a synonym the model accepts), an adult "man"/"woman" when listed.
+    Without a gender, or when the table has none of these words: `default`.
+    """
+    if gender is None or isinstance(gender, bool):
+        return default
+    key = str(int(gender)) if isinstance(gender, (int, float)) else str(gender).strip().lower()
+    young = age is not None and float(age) < ADULT_AGE
+    if key in _MALE:
+        candidates = ("boy", "man") if young else ("man",)
+    elif key in _FEMALE:
+        candidates = ("girl", "woman") if young else ("woman",)
+    else:
+        return default
+    known = {w.strip().lower() for cls, words in synonyms.items() for w in (cls, *words)}
+    return next((w for w in candidates if w in known), default)

@@ -4,11 +4,25 @@
 # Everything lands in $PORTRAITBOOTH_HOST (default ~/.cache/portraitbooth/host) so that
 # a fresh clone on the same machine reuses it; `.host` in the repo links there.
 # With COMFYUI_PATH set, that ComfyUI and its Python (COMFYUI_PYTHON, default python3)
-# are used instead, and only the pack's own requirements are installed into it.
+# are used instead, and only the pack's own requirements are installed into it. Its env
+# file and stamps then live in a host folder of their own (hosts/<hash of both paths>,
+# sharing the default host's download and photo cache), so switching between ComfyUIs
+# never rewrites the default host's env or makes it reinstall.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-host=${PORTRAITBOOTH_HOST:-${XDG_CACHE_HOME:-$HOME/.cache}/portraitbooth/host}
+base=${XDG_CACHE_HOME:-$HOME/.cache}/portraitbooth
+if [ -n "${PORTRAITBOOTH_HOST:-}" ]; then
+  host=$PORTRAITBOOTH_HOST
+elif [ -n "${COMFYUI_PATH:-}" ]; then
+  [ -d "$COMFYUI_PATH" ] || { echo "COMFYUI_PATH=$COMFYUI_PATH is not a folder: point it at a ComfyUI folder." >&2; exit 2; }
+  key=$(printf '%s|%s' "$(cd "$COMFYUI_PATH" && pwd)" "${COMFYUI_PYTHON:-python3}" | sha1sum | cut -c1-12)
+  host="$base/hosts/$key"
+  mkdir -p "$host" "$base/host/cache"
+  [ -e "$host/cache" ] || ln -sfn "$base/host/cache" "$host/cache"
+else
+  host="$base/host"
+fi
 mkdir -p "$host/cache/downloads" "$host/cache/photos"
 ln -sfn "$host" "$repo/.host"
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -59,10 +73,15 @@ else
 fi
 
 # --- the pack's requirements and the test tools -------------------------------------
-pack_key=$(cat "$repo/requirements.txt" "$repo/requirements-test.txt" | sha1sum | cut -c1-12)
+pack_key=$(cat "$repo/requirements.txt" "$repo/requirements-test.txt" "$repo/requirements-insightface.txt" |
+  sha1sum | cut -c1-12)
 if ! stamp_ok pack-reqs "$pack_key-$py"; then
   log "installing the pack's requirements and test tools"
   "$py" -m pip install -q -r "$repo/requirements.txt" -r "$repo/requirements-test.txt"
+  # insightface without its declared opencv-python, which would land beside an installed
+  # opencv-python-headless and break cv2; its other dependencies come from
+  # requirements-insightface.txt (pulled in by requirements-test.txt). As the README says.
+  "$py" -m pip install -q --no-deps insightface==2.1
   stamp_set pack-reqs "$pack_key-$py"
 fi
 

@@ -22,6 +22,10 @@ TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=
                  block_out_channels=(320, 640), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
                  attention_head_dim=8, norm_num_groups=32)
+# The UNet of standins.sd15's test checkpoint (SD15_TINY_UNET: one level) in diffusers form:
+# its import fits that checkpoint's UNet exactly, so it can warm-start training (init_unet).
+ONE_LEVEL_UNET = dict(TINY_UNET, block_out_channels=(320,), down_block_types=("CrossAttnDownBlock2D",),
+                      up_block_types=("CrossAttnUpBlock2D",))
 VISION = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                  image_size=224, patch_size=32, projection_dim=768, hidden_act="quick_gelu"),
@@ -54,15 +58,22 @@ def _fill(shapes: dict[str, tuple[int, ...]], gen: torch.Generator, dtype: torch
     return out
 
 
-def release_state_dict(vision: str = "tiny", seed: int = 0, vision_dtype: torch.dtype = torch.float32
-                       ) -> dict[str, torch.Tensor]:
-    """The released layout with random weights (diffusers and transformers give the keys)."""
+def random_tensors(shapes: dict[str, tuple[int, ...]], seed: int = 0,
+                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Random weights for `shapes`, filled as the release's (the evidence run's CLIP vision)."""
+    return _fill(shapes, torch.Generator().manual_seed(seed), dtype)
+
+
+def release_state_dict(vision: str = "tiny", seed: int = 0, vision_dtype: torch.dtype = torch.float32,
+                       unet: dict | None = None) -> dict[str, torch.Tensor]:
+    """The released layout with random weights (diffusers and transformers give the keys).
+    unet: the diffusers UNet config (default TINY_UNET)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     config = VISION[vision]
     with torch.device("meta"):
-        parts = {"unet": UNet2DConditionModel(**TINY_UNET),
+        parts = {"unet": UNet2DConditionModel(**(unet or TINY_UNET)),
                  "image_encoder": CLIPVisionModelWithProjection(CLIPVisionConfig(**config)),
                  "text_encoder": CLIPTextModel(CLIPTextConfig(**TINY_TEXT)),
                  "vae": AutoencoderKL(**TINY_VAE)}
@@ -82,14 +93,15 @@ def release_state_dict(vision: str = "tiny", seed: int = 0, vision_dtype: torch.
     return sd
 
 
-def build_fastcomposer_release(path: str | os.PathLike, vision: str = "tiny", seed: int = 0) -> Path:
+def build_fastcomposer_release(path: str | os.PathLike, vision: str = "tiny", seed: int = 0,
+                               unet: dict | None = None) -> Path:
     """Write a stand-in pytorch_model.bin (torch.save, as the release) once; reused if present."""
     path = Path(path)
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     # A full ViT-L in fp16 halves the file and the memory; the importer writes fp16 anyway.
-    sd = release_state_dict(vision, seed, torch.float16 if vision == "vit-l" else torch.float32)
+    sd = release_state_dict(vision, seed, torch.float16 if vision == "vit-l" else torch.float32, unet)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(sd, tmp)
     os.replace(tmp, path)

@@ -147,3 +147,22 @@ def sd15_parts(sd15_checkpoint):
     path = COMFY_DIR / "models" / "checkpoints" / sd15_checkpoint
     model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
     return model, clip, vae
+
+
+@pytest.fixture(scope="session")
+def template_models(tmp_path_factory, sd15_checkpoint) -> dict[str, str]:
+    """{model kind: folder} holding every stand-in the shipped templates load (standins/templates.py):
+    PortraitBooth files and a FastComposer release imported with the pack's importer."""
+    from standins.templates import build_template_models
+
+    return build_template_models(tmp_path_factory.mktemp("template-models"),
+                                 release_cache=host.host_dir() / "cache" / "standins")
+
+
+@pytest.fixture(scope="session")
+def models_server(tmp_path_factory, template_models):
+    """One real ComfyUI for the whole session that sees the templates' stand-in models
+    (shared by the template runs and the FastComposer tests); stopped at the end."""
+    server = started_server(tmp_path_factory.mktemp("comfy-models"), extra_model_paths=template_models)
+    yield server
+    server.stop()

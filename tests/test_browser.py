@@ -6,11 +6,12 @@ import shutil
 
 import pytest
 
-from frontend import CHROMIUM, load_ui_workflow, open_frontend, wait_for_node_types
+from frontend import CHROMIUM, canvas_picture, load_ui_workflow, node_boxes, open_frontend, overlapping, \
+    wait_for_node_types
 from conftest import REPO
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")  # one browser for the file: each start costs ~8 s on 2 cores
 def page(comfy_server):
     pytest.importorskip("playwright.sync_api")
     if not shutil.which(CHROMIUM):
@@ -44,4 +45,13 @@ def test_ui_workflow_template_loads_with_every_node_known(page, pack_nodes, path
     assert loaded["count"] == len(workflow["nodes"])
     assert loaded["unknown"] == []
     assert loaded["alerts"] == [], loaded["alerts"]
-    page.screenshot(path=str(artifacts_dir / f"workflow_{path.stem}.png"))
+    assert not page.page_errors, page.page_errors
+    # Laid out readably: boxes as the frontend holds them after loading (pos, size, title bar).
+    boxes = node_boxes(page)
+    assert len(boxes) == loaded["count"]
+    assert overlapping(boxes) == [], f"{path.name}: run `python tests/frontend.py export` to lay it out again"
+    notes = [b for b in boxes if b["type"] == "Note"]
+    assert len(notes) == 1, f"{path.name} needs one Note saying what to change (workflows/api/{path.stem}.note.md)"
+    # The README's picture of this template, made the same way (into test-artifacts/ here).
+    picture = canvas_picture(page, artifacts_dir / f"workflow_{path.stem}.png")
+    assert 0 < picture.stat().st_size < 150_000, picture.stat().st_size

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_face_package_import_is_light():
     code = ("import sys; import portraitbooth_core.face; "
-            "print(sorted(m for m in ('onnxruntime', 'cv2', 'dlib', 'facexlib', 'onnx2torch', 'onnx', 'retinaface') "
+            "print(sorted(m for m in ('onnxruntime', 'cv2', 'dlib', 'facexlib', 'onnx2torch', 'onnx', 'retinaface', 'insightface') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

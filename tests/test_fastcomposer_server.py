@@ -18,36 +18,17 @@ from PIL import Image
 import diffusers  # noqa: E402,F401  (requirements-test.txt)
 import transformers  # noqa: E402,F401
 
-from conftest import started_server  # noqa: E402
-from headless import comfyui as host  # noqa: E402
 from headless.client import ComfyError  # noqa: E402
 from headless.workflows import load_api_workflow, with_inputs  # noqa: E402
-from standins.fastcomposer import build_fastcomposer_release  # noqa: E402
-from standins.sd15 import build_portraitbooth_file  # noqa: E402
-from training.__main__ import main as cli  # noqa: E402
-
-ARCFACE_FILE = "portraitbooth_arcface_standin.safetensors"
-ARCFACE_KIND = "arcface:standin_r50/w600k_r50.onnx"
+from standins.templates import ARCFACE_FILE, ARCFACE_KIND  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    # Versioned name: a change to the stand-in's layout must not reuse an old file.
-    release = build_fastcomposer_release(host.host_dir() / "cache" / "standins" / "fastcomposer_vitl_v1.bin",
-                                         "vit-l", seed=0)
-    models = tmp_path_factory.mktemp("models")
-    assert cli(["import-fastcomposer", str(release), "--models", str(models)]) == 0
-    build_portraitbooth_file(models / "portraitbooth" / ARCFACE_FILE, face_kind=ARCFACE_KIND, face_dim=512)
-    return models
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, models, sd15_checkpoint):
-    server = started_server(tmp_path_factory.mktemp("comfy-fastcomposer"),
-                            extra_model_paths={kind: str(models / kind)
-                                               for kind in ("diffusion_models", "clip_vision", "portraitbooth")})
-    yield server
-    server.stop()
+def server(models_server):
+    # The session's server with the stand-ins of standins/templates.py: the release imported
+    # with the CLI, and a face-recognizer PortraitBooth file (ARCFACE_FILE) beside
+    # FastComposer's postfuse file. Shared with the runs of every template.
+    return models_server
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +113,75 @@ def test_two_subject_template_runs_in_both_modes(server, photos, sd15_checkpoint
         images[mode] = _image(server, server.client.run(graph, timeout=600), "18")
         assert images[mode].shape == (64, 128, 3) and images[mode].std() > 0
     assert not np.array_equal(images["regional attention"], images["multidiffusion"])
+
+
+ECAC_PROMPT = "a photo of a man, portrait, smiling, natural light"
+
+
+def ecac_portrait(server, photo, checkpoint, strength: float | None, score: bool = False) -> tuple[list, object]:
+    """The FastComposer single-subject template (batch of 2) with ECAC Attention Patch on the
+    imported UNet, its words from Apply STEA's FastComposer conditioning, and Attention Map
+    Preview; strength None: the template's plain sampler. score: Identity Score ranks
+    [reference photo, the 2 outputs] against the photo's identity (zero-download encoder).
+    Returns (the 2 images, the run's result)."""
+    graph = with_inputs(load_api_workflow("portraitbooth_fastcomposer_single_subject"), {
+        "1": {"ckpt_name": checkpoint},
+        "5": {"image": photo},
+        "7": {"text": ECAC_PROMPT},
+        "9": {"width": 64, "height": 64, "batch_size": 2},
+        "10": {"seed": 3, "steps": 3},
+    })
+    if strength is not None:
+        graph.update({
+            "20": {"class_type": "PortraitBoothECACPatch",
+                   "inputs": {"model": ["3", 0], "clip": ["1", 1], "text": ECAC_PROMPT,
+                              "identity_words": "man, woman", "strength": strength, "start_percent": 0.0,
+                              "end_percent": 1.0, "beta": 0.8, "gamma": 0.1,
+                              "layers": "16x16 layers (recommended)", "capture_maps": True,
+                              "stea_conditioning": ["7", 0]}},
+            "21": {"class_type": "PortraitBoothAttentionPreview",
+                   "inputs": {"model": ["20", 0], "image": ["11", 0], "opacity": 0.6}},
+            "22": {"class_type": "SaveImage", "inputs": {"images": ["21", 0], "filename_prefix": "fc_ecac_maps"}},
+        })
+        graph["10"]["inputs"]["model"] = ["20", 0]
+    if score:
+        graph.update({
+            "30": {"class_type": "PortraitBoothLoadFaceEncoder",
+                   "inputs": {"pack": "none (zero-download RetinaFace)", "detector": "auto", "recognizer": "auto",
+                              "provider": "auto", "det_size": 640, "mask_ears": False, "mask_hair": False,
+                              "mask_neck": False}},
+            "31": {"class_type": "PortraitBoothAnalyzeFaces",
+                   "inputs": {"face_encoder": ["30", 0], "images": ["5", 0], "select": "largest", "face_index": 0,
+                              "on_no_face": "error", "det_threshold": 0.6}},
+            # The photo first (the outputs are scaled to its size): the positive control.
+            "32": {"class_type": "ImageBatch", "inputs": {"image1": ["5", 0], "image2": ["11", 0]}},
+            "33": {"class_type": "PortraitBoothIdentityScore",
+                   "inputs": {"face_encoder": ["30", 0], "reference": ["31", 0], "images": ["32", 0],
+                              "sort": True, "det_threshold": 0.6}},
+            "34": {"class_type": "PreviewAny", "inputs": {"source": ["33", 3]}},
+        })
+    result = server.client.run(graph, timeout=600)
+    images = [np.asarray(Image.open(io.BytesIO(server.client.fetch(f))).convert("RGB"), dtype=np.int16)
+              for f in result.images("12")]
+    return images, result
+
+
+def test_ecac_and_identity_score_run_with_imported_fastcomposer_weights(server, photos, sd15_checkpoint):
+    controlled, result = ecac_portrait(server, photos["obama"], sd15_checkpoint, strength=1.0, score=True)
+    plain, _ = ecac_portrait(server, photos["obama"], sd15_checkpoint, strength=None)
+    off, _ = ecac_portrait(server, photos["obama"], sd15_checkpoint, strength=0.0)
+    assert len(controlled) == 2 and controlled[0].shape == (64, 64, 3)
+    # strength 0 is the unpatched model bit for bit; at 1 the expression control moves the image.
+    assert all(np.array_equal(a, b) for a, b in zip(off, plain)), "ECAC strength 0 must not change the image"
+    assert any(not np.array_equal(a, b) for a, b in zip(controlled, plain)), \
+        "ECAC at strength 1 on FastComposer's conditioning changed nothing"
+    # The maps come from Apply STEA's entry: the class word and the expression word, per image.
+    maps = result.images("22")
+    assert len(maps) == 2 * 2, f"expected 2 images x (identity, smiling) overlays, got {len(maps)}"
+
+    (report,) = result.texts("34")
+    lines = report.splitlines()
+    assert lines[0].startswith("Identity Score (dlib") and "best first" in lines[0], report
+    scored = {line.split(":")[0] for line in lines[1:-1]}
+    assert scored == {"image 0", "image 1", "image 2"}, report  # the photo and both outputs
+    assert lines[1].startswith("image 0: score 1.000") and lines[1].endswith("-> same person"), report

@@ -85,3 +85,42 @@ def test_pack_loads_without_onnxruntime_and_the_face_node_names_it(start_server,
     else:
         raise AssertionError("the face encoder ran without onnxruntime")
     assert "'onnxruntime'" in message and "pip install onnxruntime" in message, message
+
+
+def test_setup_with_comfyui_path_leaves_the_default_host_alone(tmp_path):
+    """A run against a user's ComfyUI gets its own env and stamps: the default host keeps
+    pointing at its own ComfyUI and does not reinstall next time."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from headless.comfyui import comfyui_dir, photos_dir
+
+    # A copy of the scripts, so the checkout's own .host link is not touched.
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    for name in ("scripts/setup_host.sh", "scripts/fetch_photos.py", "requirements.txt",
+                 "requirements-test.txt", "requirements-insightface.txt"):
+        shutil.copy(REPO / name, repo / name)
+    default = tmp_path / "cache" / "portraitbooth" / "host"
+    (default / "stamps").mkdir(parents=True)
+    (default / "env").write_text("COMFYUI=/the/default/ComfyUI\nPYTHON=/the/default/python\n")
+    (default / "stamps" / "pack-reqs").write_text("default-stamp")
+    (default / "cache" / "photos").mkdir(parents=True)
+    for photo in photos_dir().iterdir():  # present photos: no download
+        (default / "cache" / "photos" / photo.name).symlink_to(photo)
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "COMFYUI_PATH": str(comfyui_dir()), "COMFYUI_PYTHON": sys.executable}
+    env.pop("PORTRAITBOOTH_HOST", None)
+    done = subprocess.run(["bash", str(repo / "scripts" / "setup_host.sh")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    assert (default / "env").read_text().startswith("COMFYUI=/the/default/ComfyUI")
+    assert (default / "stamps" / "pack-reqs").read_text() == "default-stamp"
+    own = (repo / ".host").resolve()
+    assert own.parent == (tmp_path / "cache" / "portraitbooth" / "hosts").resolve()
+    assert f"COMFYUI={comfyui_dir()}" in (own / "env").read_text()
+    assert (own / "cache" / "photos").resolve() == (default / "cache" / "photos").resolve()

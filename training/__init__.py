@@ -1,7 +1,8 @@
 """Training package: datasets, the PortraitBooth training loop (noise, localization and
 identity losses), distributed launch and export to the weight file the nodes load.
 
-    python -m training build <people folders> <dataset>     sources, face_crops, captions, build, shards
+    python -m training build <people folders> <dataset>     sources, face_crops, captions, build, shards,
+    python -m training merge <dataset> <part>...             build_pool (--workers), merge (--part i/N)
     python -m training train --config run.toml [--set k=v]  config, dip_check, models, lora, data, losses,
     torchrun --nproc_per_node N -m training train ...       step, precision, trainer, checkpoint,
     python -m training export --output <run folder>         distributed, ema, metrics, validate, export

@@ -1,9 +1,12 @@
 """Command line: `python -m training {build,train,export,import-fastcomposer} ...` (train under torchrun for DDP).
 
-    python -m training build photos/ data/ --pack models/insightface/models/antelopev2
+    python -m training build photos/ data/ --pack models/insightface/models/antelopev2 --workers 8
+    python -m training build photos/ part0/ --pack ... --part 0/2   (part 1/2 on another machine)
+    python -m training merge data/ part0/ part1/
     python -m training train --config train.toml --set steps=2000 --set mode=full
     torchrun --nproc_per_node 8 -m training train --config train.toml
     python -m training export --config train.toml --out model.safetensors
+    python -m training precompute data/ --model v1-5-pruned-emaonly.safetensors
     python -m training import-fastcomposer pytorch_model.bin --models ComfyUI/models
 """
 from __future__ import annotations
@@ -16,18 +19,62 @@ from pathlib import Path
 
 
 def _build(args) -> int:
-    from portraitbooth_core.face import build_encoder
-
-    from .build import BuildSettings, DatasetBuilder, format_report
+    from .build import BuildSettings, BuildStateError, DatasetBuilder, EncoderSpec, format_report
     from .face_crops import CropSettings
 
-    encoder = build_encoder(args.pack, detector=args.detector, recognizer=args.recognizer, provider=args.provider,
-                            parsing_weights=args.parsing_weights)
+    try:
+        captions = _caption_options(args)
+    except (ValueError, ImportError) as exc:  # a synonyms file, captioner or CelebV-Text folder that cannot be used
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # Worker processes make their own encoder from this (onnxruntime sessions cannot be sent to them).
+    encoder = EncoderSpec(kwargs={"pack_dir": args.pack, "detector": args.detector, "recognizer": args.recognizer,
+                                  "provider": args.provider, "parsing_weights": args.parsing_weights})
     crops = CropSettings(args.resolution, args.crop_scale, args.det_threshold, args.min_face, args.several_faces)
-    settings = BuildSettings(crops, args.caption_template, args.default_word, shard_size=args.shard_size)
-    report = DatasetBuilder(args.source, args.output, encoder, settings).build()
+    try:
+        settings = BuildSettings(crops, args.caption_template, args.default_word, shard_size=args.shard_size,
+                                 video_stride=args.video_stride, video_fps=args.video_fps,
+                                 video_reference_gap=args.video_reference_gap, **captions["settings"]).validate()
+        report = DatasetBuilder(args.source, args.output, encoder, settings, captioner=captions["captioner"],
+                                workers=args.workers, part=args.part).build()
+    except (BuildStateError, ValueError) as exc:  # settings, --part, or a folder built otherwise: the fix
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(format_report(report))
     return 0 if report["samples"] else 1
+
+
+def _merge(args) -> int:
+    from .build import format_report
+    from .merge import MergeError, merge_parts
+
+    try:
+        report = merge_parts(args.output, args.parts, overwrite=args.overwrite)
+    except MergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    return 0
+
+
+def _caption_options(args) -> dict:
+    """Class-word table, caption source and captioner of a build, checked before any face
+    is analyzed (a wrong folder fails now, not after hours)."""
+    from .captioner import check_captioner_spec
+    from .captions import load_class_synonyms
+    from .celebv_text import SOURCE_PREFIX, is_celebv_text_root, load_caption_source
+
+    settings: dict = {}
+    if args.class_synonyms:
+        settings["synonyms"] = load_class_synonyms(args.class_synonyms)
+    captions = args.captions or (f"{SOURCE_PREFIX}{args.source}" if is_celebv_text_root(args.source) else "")
+    if captions:
+        load_caption_source(captions)
+        settings["captions"] = captions
+    if args.captioner:  # checked here; loaded by the process (or each worker) that builds, GPU when present
+        check_captioner_spec(args.captioner)
+        settings["captioner"] = args.captioner
+    return {"settings": settings, "captioner": None}
 
 
 def _config_overrides(args) -> list[str]:
@@ -48,16 +95,27 @@ def _train(args) -> int:
     from . import distributed as D
     from .dip_check import IdentityLossError
     from .trainer import Trainer
+    from .warm_start import WarmStartError, check_settings
 
     config = _config(args)
+    try:
+        check_settings(config)  # warm-start files, before SD1.5 loads
+    except WarmStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     dist = D.setup(args.device)
     try:
         try:
             trainer = Trainer(config, dist)
-        except IdentityLossError as exc:  # the dataset cannot feed L_id: the fix, not a traceback
+        except (IdentityLossError, WarmStartError) as exc:  # the dataset cannot feed L_id, ...: the fix, not a traceback
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        path = trainer.run()
+        try:
+            path = trainer.run()
+        except WarmStartError as exc:  # stage 0's data (e.g. a CLIP vision file of another width)
+            print(f"error: {exc}", file=sys.stderr)
+            trainer.close()
+            return 2
         if path is not None:
             print(f"[train] exported {path}")
         trainer.close()
@@ -81,6 +139,18 @@ def _export(args) -> int:
         print(f"no checkpoint under {Path(trainer.config.output) / 'checkpoints'}", file=sys.stderr)
         return 1
     print(f"[export] {export(trainer, args.out)} (from {trainer.resumed_from})")
+    return 0
+
+
+def _precompute(args) -> int:
+    import torch
+
+    from .precompute import precompute
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    report = precompute(args.dataset, args.model, device, batch_size=args.batch_size, dtype=args.dtype)
+    print(f"[precompute] {report['samples']} samples in {report['shards']} shard(s): {report['written']} written, "
+          f"{report['kept']} already current, {report['bytes'] / 2**20:.1f} MiB, {report['seconds']} s")
     return 0
 
 
@@ -114,8 +184,32 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--several-faces", choices=("skip", "largest"), default="skip",
                    help="photos with several faces: skip them, or use the largest face")
     b.add_argument("--caption-template", default="", help='e.g. "a photo of a {word}" for photos without sidecar')
-    b.add_argument("--default-word", default="", help="class word for the template (or class.txt per person)")
+    b.add_argument("--default-word", default="", help="class word for the template (or class.txt per person), and "
+                   "for generated captions naming nobody when the face has no gender estimate (else 'person')")
     b.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
+    b.add_argument("--class-synonyms", metavar="FILE.json",
+                   help='class words and their synonyms, replacing the default table: {"man": ["guy", "gentleman"], '
+                        '"woman": ["lady", "girl"]}; recorded in the dataset')
+    b.add_argument("--captions", metavar="celebv-text:DIR",
+                   help="caption source: CelebV-Text's descriptions and emotions for files named by a clip id "
+                        "(default when the source folder is a CelebV-Text root: each clip is one person)")
+    b.add_argument("--captioner", metavar="blip:FOLDER",
+                   help="caption images without a sidecar with a local BLIP captioning model (never downloaded); "
+                        "the subject gets a class word from class.txt, the face's gender/age, or --default-word")
+    b.add_argument("--workers", type=int, default=1, help="processes analyzing people (0: one per CPU core); "
+                   "the dataset is the same for any number")
+    b.add_argument("--part", help="i/N: build only the i-th of N ranges of the sorted people folders into OUTPUT "
+                   "(one part per machine); join the parts with `merge`")
+    b.add_argument("--video-stride", type=int, default=0, help="every K-th video frame is a target, its reference a "
+                   "distant frame of the clip; 0: the paper's two end frames with the middle frame as reference")
+    b.add_argument("--video-fps", type=float, default=0.0, help="instead of --video-stride: about this many target "
+                   "frames per second of video")
+    b.add_argument("--video-reference-gap", type=float, default=0.25, help="with --video-stride/--video-fps: the "
+                   "reference frame lies at least this fraction of the clip away from its target")
+    m = sub.add_parser("merge", help="join the parts of a `build --part i/N` into one dataset")
+    m.add_argument("output", help="dataset folder to write (the one a single build would write)")
+    m.add_argument("parts", nargs="+", help="the part folders, all N of them")
+    m.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUTPUT")
     for name in ("train", "export"):
         t = sub.add_parser(name)
         t.add_argument("--config", help="JSON or TOML file with TrainConfig fields")
@@ -126,6 +220,13 @@ def parser() -> argparse.ArgumentParser:
         t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train")
         if name == "export":
             t.add_argument("--out", help="weight file path (default <output>/<export_name>)")
+    pc = sub.add_parser("precompute", help="VAE latents + text encodings of a dataset, so training steps skip those encodes")
+    pc.add_argument("dataset", help="dataset folder (or fsspec URL) written by `python -m training build`")
+    pc.add_argument("--model", required=True, help="the SD1.5 checkpoint you will train from (its VAE and text encoder)")
+    pc.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to encode")
+    pc.add_argument("--batch-size", type=int, default=16, help="images per VAE encode")
+    pc.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                    help="stored precision: fp32 is what the step computes; fp16/bf16 halve the files")
     f = sub.add_parser("import-fastcomposer", help="convert FastComposer's pytorch_model.bin into ComfyUI model files")
     f.add_argument("path", help="FastComposer's released pytorch_model.bin (or a .safetensors of the same dict)")
     f.add_argument("--models", required=True, help="ComfyUI's models folder: writes diffusion_models/, "
@@ -142,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     from .comfy_env import import_comfyui
 
     import_comfyui(cpu=True if getattr(args, "device", "auto") == "cpu" else None)
-    return {"build": _build, "train": _train, "export": _export,
+    return {"build": _build, "merge": _merge, "train": _train, "export": _export, "precompute": _precompute,
             "import-fastcomposer": _import_fastcomposer}[args.command](args)
 
 

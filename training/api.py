@@ -42,7 +42,8 @@ class ResumeError(ValueError):
 
 # Settings that shape the trained parameters or the optimizer state: a run continues only
 # with the same values (another value fails deep in torch with a shape or group error).
-RESUME_SETTINGS = ("mode", "lora_rank", "lora_alpha", "lora_targets", "projector_hidden", "optimizer")
+# init_unet: the weights the frozen part of a LoRA/frozen run sits on.
+RESUME_SETTINGS = ("mode", "lora_rank", "lora_alpha", "lora_targets", "projector_hidden", "optimizer", "init_unet")
 
 
 def settings_from_text(text: str, source: str = "extra_settings") -> dict[str, Any]:

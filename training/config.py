@@ -46,6 +46,10 @@ class TrainConfig:
     precision: str = "auto"       # auto: bf16 on GPUs with native bf16 (>= sm80), fp16 + loss scaling on older GPUs, fp32 on CPU
     gradient_checkpointing: bool = False
     seed: int = 0
+    # data loading (training/data.py): the batches do not depend on these
+    num_workers: int = -1         # DataLoader worker processes; -1: auto (CPUs per rank - 1, at most 4); 0: in the training process
+    prefetch_factor: int = 2      # micro-batches each worker prepares ahead
+    precomputed: str = "auto"     # auto: use `python -m training precompute` outputs when the dataset has them; off: encode every step
     # recipe (design.md §1)
     p_text_only: float = 0.1      # samples trained without the identity (text only)
     p_uncond: float = 0.1         # samples with the empty prompt, for CFG
@@ -63,6 +67,14 @@ class TrainConfig:
     ecac_mu: float = 0.01
     recognizer: str = ""          # ArcFace ONNX for L_id; empty: the one the dataset was built with
     recognizer_feature: str = "final"
+    # warm start from FastComposer (training/warm_start.py; README "Warm start from FastComposer")
+    init_unet: str = ""           # diffusion-model file (import-fastcomposer's *_unet.safetensors) loaded over the checkpoint's UNet
+    stage0_steps: int = 0         # 0: off; else projector steps regressing FastComposer's fused class token first
+    stage0_teacher: str = ""      # PortraitBooth file with FastComposer's postfuse projector (import-fastcomposer's *_postfuse)
+    stage0_clip_vision: str = ""  # its CLIP vision file; empty: the one the teacher names, in the clip_vision/ beside its folder
+    stage0_lr: float = 1e-3
+    stage0_batch: int = 64
+    stage0_samples: int = 20000   # samples whose embeddings stage 0 caches (evenly spread; ~8 KB each); 0: all
     # bookkeeping
     log_every: int = 1
     save_every: int = 100
@@ -85,6 +97,10 @@ class TrainConfig:
             problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.dip_region not in ("face", "full"):
             problems.append(f"dip_region must be 'face' or 'full', got {self.dip_region!r}")
+        if self.precomputed not in ("auto", "off"):
+            problems.append(f"precomputed must be 'auto' or 'off', got {self.precomputed!r}")
+        if self.num_workers < -1 or self.prefetch_factor < 1:
+            problems.append("num_workers must be >= -1 (-1: auto) and prefetch_factor >= 1")
         if self.lr < 0 or self.projector_lr < 0:
             problems.append("lr and projector_lr must be >= 0 (0: the default for the mode)")
         if self.p_text_only + self.p_uncond > 1:
@@ -92,6 +108,11 @@ class TrainConfig:
         for name in ("steps", "micro_batch", "grad_accum", "save_every", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
+        if self.stage0_steps < 0 or self.stage0_samples < 0 or self.stage0_batch < 1 or self.stage0_lr <= 0:
+            problems.append("stage0_steps and stage0_samples must be >= 0, stage0_batch >= 1 and stage0_lr > 0")
+        if self.stage0_steps > 0 and not self.stage0_teacher:
+            problems.append("stage0_steps > 0 needs stage0_teacher: the *_postfuse.safetensors file that "
+                            "`python -m training import-fastcomposer` wrote (models/portraitbooth/)")
         if problems:
             raise ValueError("invalid training configuration: " + "; ".join(problems))
         return self

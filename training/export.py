@@ -2,34 +2,40 @@
 
 UNet patch by mode: LoRA adapters as kohya keys; a fully trained UNet as weight
 differences against the base checkpoint (`diffusion_model.<module>.diff`/`.diff_b`,
-ComfyUI's "diff" patch); a frozen UNet as no patch. Metadata names the face encoder the
-dataset's embeddings came from, the identity words with the synonyms the captions used
-(so "a photo of a boy" works with a model whose captions said "boy"), the emotion words
-and the run's settings.
+ComfyUI's "diff" patch); a frozen UNet as no patch. A run warm-started from another UNet
+(init_unet) exports its whole UNet, LoRA folded in, as differences against the base
+checkpoint whatever the mode: the patch is applied to the checkpoint, not to that UNet.
+Metadata names the face encoder the dataset's embeddings came from, the identity words
+with the synonyms the captions used (so "a photo of a boy" works with a model whose
+captions said "boy"), the emotion words and the run's settings (and warm start).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
 from portraitbooth_core.vocabulary import DEFAULT_EMOTION_WORDS
+from .warm_start import export_metadata as warm_start_metadata
 from portraitbooth_core.weights.file import save_portraitbooth
 from portraitbooth_core.weights.meta import FaceEncoderSpec
 
 UNET_PREFIX = "model.diffusion_model."
 
 
-def full_diff_patch(unet: torch.nn.Module, checkpoint: str | os.PathLike,
+def full_diff_patch(unet: torch.nn.Module | Mapping[str, torch.Tensor], checkpoint: str | os.PathLike,
                     dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """trained - base for every UNet tensor that changed, in ComfyUI's diff key form."""
+    """trained - base for every UNet tensor that changed, in ComfyUI's diff key form.
+    unet: the module, or its weights by parameter name (merged_lora_weights)."""
     from safetensors import safe_open
 
     patch = {}
+    weights = unet.items() if isinstance(unet, Mapping) else unet.named_parameters()
     with safe_open(str(checkpoint), framework="pt", device="cpu") as f:
         names = set(f.keys())
-        for name, param in unet.named_parameters():
+        for name, param in weights:
             key = UNET_PREFIX + name
             if key not in names:
                 continue
@@ -44,8 +50,28 @@ def full_diff_patch(unet: torch.nn.Module, checkpoint: str | os.PathLike,
     return patch
 
 
+def merged_lora_weights(unet: torch.nn.Module, lora) -> dict[str, torch.Tensor]:
+    """The UNet's parameters with each LoRA adapter's W += alpha/rank * up @ down folded
+    in (what the forward hooks compute), on the CPU in float32."""
+    weights = {n: p.detach().float().cpu() for n, p in unet.named_parameters()}
+    for key, adapter in lora.adapters.items():
+        name = f"{lora.names[key]}.weight"
+        up, down = adapter.up.weight.detach().float().cpu(), adapter.down.weight.detach().float().cpu()
+        # Linear: [out, r] @ [r, in]; Conv2d: the 1x1 up conv mixes the down conv's r kernels.
+        delta = torch.einsum("or,r...->o...", up.flatten(1), down)
+        weights[name] = weights[name] + delta * (adapter.alpha / adapter.rank)
+    return weights
+
+
 def unet_patch(trainer) -> dict[str, torch.Tensor]:
     mode = trainer.config.mode
+    if trainer.config.init_unet:
+        # Warm-started: the UNet trained on is not the checkpoint's, so a LoRA (or no patch)
+        # alone would be applied to the wrong weights. Export the whole difference against
+        # the checkpoint: applied to it (Load PortraitBooth Model) it is the trained UNet.
+        weights = merged_lora_weights(trainer.models.unet, trainer.models.lora) if mode == "lora" \
+            else trainer.models.unet
+        return full_diff_patch(weights, trainer.config.checkpoint)
     if mode == "lora":
         return trainer.models.lora.export()
     if mode == "full":
@@ -64,7 +90,21 @@ def training_metadata(trainer) -> dict:
             "ecac": {"beta": cfg.ecac_beta, "gamma": cfg.ecac_gamma, "lambda": cfg.ecac_lambda, "mu": cfg.ecac_mu,
                      "layers": cfg.loc_layers},
             "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha} if cfg.mode == "lora" else None,
-            "ema_decay": cfg.ema_decay, "recognizer_feature": cfg.recognizer_feature, **cfg.extra}
+            "ema_decay": cfg.ema_decay, "recognizer_feature": cfg.recognizer_feature,
+            **({"warm_start": warm_start_metadata(trainer)} if cfg.init_unet or cfg.stage0_steps > 0 else {}),
+            **cfg.extra}
+
+
+def warm_start_source(trainer) -> dict | None:
+    """The file's `source`: a warm-started model derives from FastComposer's weights (MIT),
+    whose origin import-fastcomposer stamped on the files it wrote."""
+    meta = warm_start_metadata(trainer)
+    if not meta:
+        return None
+    stamp = (meta.get("unet") or {}).get("source") or (meta.get("stage0") or {}).get("teacher_source") or {}
+    return {"warm_start": {"unet": (meta.get("unet") or {}).get("file"),
+                           "stage0_teacher": (meta.get("stage0") or {}).get("teacher"),
+                           **{k: stamp[k] for k in ("model", "repository", "weights", "license") if k in stamp}}}
 
 
 def class_words(index: dict) -> tuple[list[str] | None, dict[str, list[str]]]:
@@ -87,7 +127,7 @@ def export(trainer, path: str | os.PathLike | None = None) -> Path:
         projector = trainer.module.projector
         return save_portraitbooth(path, projector, spec, unet_patch(trainer), class_words=words,
                                   emotion_words=DEFAULT_EMOTION_WORDS, training=training_metadata(trainer),
-                                  class_synonyms=synonyms)
+                                  class_synonyms=synonyms, source=warm_start_source(trainer))
 
     if trainer.ema is not None:
         with trainer.ema.applied():

@@ -3,7 +3,10 @@ resolution with the face's box, landmarks and mask in that crop's pixels, plus t
 embedding and aligned 112x112 crop (for use as another sample's reference).
 
 Face analysis is the core's FaceEncoder (detector, recognizer, parser or fallback mask);
-nothing here detects or embeds on its own.
+nothing here detects or embeds on its own. Detection runs per photo (photos differ in
+size); recognition is batched: `analyze_face` keeps the aligned face and `embed_pending`
+embeds the faces of many photos in one recognizer call where the recognizer takes a
+batch of aligned crops (`embed`, e.g. ArcFace ONNX), one photo at a time otherwise (dlib).
 """
 from __future__ import annotations
 
@@ -34,9 +37,17 @@ class FaceCrop:
     mask: np.ndarray        # R x R uint8 0..255
     box: np.ndarray         # (4,) in target pixels
     landmarks: np.ndarray   # (5, 2) in target pixels
-    embedding: np.ndarray   # (D,) float32, the recognizer's normalized embedding
+    embedding: np.ndarray | None  # (D,) float32, the recognizer's normalized embedding (None until embedded)
     aligned: np.ndarray     # 112 x 112 x 3 uint8, ArcFace-aligned face
     note: str = ""
+    recognizer_input: np.ndarray | None = None  # aligned at the recognizer's size, until embedded
+    # the face pack's gender/age estimate when the detection carries one (insightface genderage:
+    # gender 1 male / 0 female); picks the class word of a generated caption that names nobody
+    gender: str | int | None = None
+    age: float | None = None
+
+
+EMBED_BATCH = 64  # faces per recognizer call: fills a GPU, bounds memory for long videos
 
 
 def pick_face(encoder, image: np.ndarray, settings: CropSettings) -> DetectedFace:
@@ -61,11 +72,15 @@ def square_window(shape_hw: tuple[int, int], face: DetectedFace, scale: float) -
     return x0, y0, side
 
 
-def face_crop(encoder, image: np.ndarray, settings: CropSettings) -> FaceCrop:
-    """Analyze one RGB uint8 photo; raises SkipError with the reason when it cannot be used."""
+def _batched(recognizer) -> bool:
+    return callable(getattr(recognizer, "embed", None)) and isinstance(getattr(recognizer, "input_size", None), int)
+
+
+def analyze_face(encoder, image: np.ndarray, settings: CropSettings) -> FaceCrop:
+    """One RGB uint8 photo -> its crop, mask and aligned face; the embedding is left for
+    `embed_pending` when the recognizer batches. Raises SkipError with the reason when the
+    photo cannot be used."""
     face = pick_face(encoder, image, settings)
-    embedding = np.asarray(encoder.recognizer.embed_faces(image, [face])[0], dtype=np.float32)
-    embedding = embedding / max(float(np.linalg.norm(embedding)), 1e-12)
     parser = getattr(encoder, "parser", None)
     mask = parser.mask(image, face) if parser is not None else fallback_mask(image.shape[:2], face)
     x0, y0, side = square_window(image.shape[:2], face, settings.crop_scale)
@@ -79,5 +94,37 @@ def face_crop(encoder, image: np.ndarray, settings: CropSettings) -> FaceCrop:
     landmarks = (face.landmarks - offset) * factor
     if mask_r.max() == 0:
         raise SkipError("the face mask is empty inside the training crop")
-    return FaceCrop(target, mask_r, box.astype(np.float32), landmarks.astype(np.float32), embedding,
-                    align_face(image, face.landmarks, 112))
+    aligned = align_face(image, face.landmarks, 112)
+    recognizer = encoder.recognizer
+    crop = FaceCrop(target, mask_r, box.astype(np.float32), landmarks.astype(np.float32), None, aligned,
+                    gender=getattr(face, "gender", None), age=getattr(face, "age", None))
+    if _batched(recognizer):
+        size = recognizer.input_size
+        crop.recognizer_input = aligned if size == 112 else align_face(image, face.landmarks, size)
+    else:  # this recognizer needs the whole photo (its own landmarks): embed now
+        crop.embedding = _normalized(recognizer.embed_faces(image, [face])[0])
+    return crop
+
+
+def embed_pending(encoder, crops: list[FaceCrop], batch: int = EMBED_BATCH) -> None:
+    """Fill in the embeddings `analyze_face` left pending, `batch` faces per recognizer call.
+    The batches depend only on `crops`, so a person's embeddings do not depend on how a
+    build is split over processes or machines."""
+    todo = [c for c in crops if c.embedding is None]
+    for start in range(0, len(todo), batch):
+        group = todo[start:start + batch]
+        out = encoder.recognizer.embed(np.stack([c.recognizer_input for c in group]))
+        for crop, row in zip(group, out):
+            crop.embedding, crop.recognizer_input = _normalized(row), None
+
+
+def _normalized(embedding) -> np.ndarray:
+    embedding = np.asarray(embedding, dtype=np.float32)
+    return embedding / max(float(np.linalg.norm(embedding)), 1e-12)
+
+
+def face_crop(encoder, image: np.ndarray, settings: CropSettings) -> FaceCrop:
+    """Analyze one RGB uint8 photo; raises SkipError with the reason when it cannot be used."""
+    crop = analyze_face(encoder, image, settings)
+    embed_pending(encoder, [crop])
+    return crop

@@ -30,6 +30,7 @@ class Models:
     vae: object                # comfy VAE (frozen; decode keeps gradients for DIP)
     device: torch.device
     lora: LoRASet | None = None
+    warm_start: dict | None = None   # what init_unet loaded (warm_start.load_init_unet), for the run's records
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -61,12 +62,17 @@ def load_models(config: TrainConfig, device: torch.device) -> Models:
         raise ValueError(f"{config.checkpoint} lacks a text encoder or VAE; training needs a full SD1.5 checkpoint")
     base = patcher.model
     require_sd15(model_context_dim(base), str(config.checkpoint), "set `checkpoint` to an SD1.5 file")
+    warm = None
+    if config.init_unet:  # FastComposer's UNet (or another SD1.5 UNet) over the checkpoint's, before LoRA/grad setup
+        from .warm_start import load_init_unet
+
+        warm = load_init_unet(base.diffusion_model, config.init_unet)
     base.to(device)
     vae.first_stage_model.to(device).requires_grad_(False).eval()
     vae.device = device
     base.requires_grad_(False)
     unet = base.diffusion_model
-    models = Models(patcher, base, unet, clip, vae, device)
+    models = Models(patcher, base, unet, clip, vae, device, warm_start=warm)
     if config.mode == "full":
         unet.requires_grad_(True)
     elif config.mode == "lora":

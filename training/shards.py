@@ -17,6 +17,9 @@ from typing import Mapping
 
 from portraitbooth_core.paths import check_file_name, check_text, inside
 
+from .shard_index import open_compact
+from .storage import MAX_OPEN_FILES, DatasetLocation, RangeReader
+
 INDEX = "index.json"
 FORMAT = "portraitbooth-shards/1"
 
@@ -70,69 +73,65 @@ class ShardWriter:
 class ShardReader:
     """Random access to every sample of a built dataset: `read(i)` -> {ext: bytes}.
 
+    `folder` is a local path (a shared filesystem mount too) or an fsspec URL (storage.py).
+    The sample index is the memory-mapped compact index (shard_index.py), made from the
+    JSON index on first use, so a process's memory does not grow with the dataset; at most
+    `max_open` shard files are open at once (least recently used closed first).
+
     index.json and the shard JSONs may come from anyone (a dataset uploaded to a shared
     server): every name in them is resolved inside the dataset folder (portraitbooth_core.paths),
     and a malformed field is an error naming the file and the field."""
 
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-        index_path = self.folder / INDEX
-        if not index_path.is_file():
-            raise FileNotFoundError(f"{self.folder} has no {INDEX}; build it with `python -m training build`.")
-        self.index = _read_json(index_path)
+    def __init__(self, folder: str | os.PathLike, max_open: int = MAX_OPEN_FILES):
+        self.location = DatasetLocation(folder)
+        self.folder = self.location.root
+        shown = self.location.describe(INDEX)
+        if not self.location.exists(INDEX):
+            raise FileNotFoundError(f"{shown} does not exist; build the dataset with `python -m training build`.")
+        try:
+            raw = self.location.read_bytes(self.location.path(INDEX))
+            self.index = json.loads(raw.decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{shown}: not readable as JSON ({type(exc).__name__}: {str(exc)[:200]}); "
+                             f"rebuild the dataset.") from None
         if not isinstance(self.index, dict) or self.index.get("format") != FORMAT:
             found = self.index.get("format") if isinstance(self.index, dict) else type(self.index).__name__
-            raise ValueError(f"{index_path}: unknown dataset format {found!r} (this version reads {FORMAT})")
+            raise ValueError(f"{shown}: unknown dataset format {found!r} (this version reads {FORMAT})")
         shards = self.index.get("shards")
         if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
-            raise ValueError(f"{index_path}: 'shards' must be a list of shard entries; rebuild the dataset.")
-        self.entries: list[tuple[Path, str, dict]] = []  # (tar path, key, {ext: [offset, size]})
-        for n, shard in enumerate(shards):
-            meta_path = inside(self.folder, f"{shard.get('name')}.json", f"{index_path} shards[{n}].name")
-            meta = _read_json(meta_path)
-            samples = meta.get("samples") if isinstance(meta, dict) else None
-            if not isinstance(samples, dict):
-                raise ValueError(f"{meta_path}: 'samples' must map sample keys to members; rebuild the dataset.")
-            tar = inside(self.folder, meta.get("tar"), f"{meta_path} field 'tar'")
-            for key in sorted(samples):
-                self.entries.append((tar, key, _members(samples[key], meta_path, key)))
-        self._files: dict[Path, object] = {}
+            raise ValueError(f"{shown}: 'shards' must be a list of shard entries; rebuild the dataset.")
+        self.compact = open_compact(self.location, self.index, raw)
+        self.files = RangeReader(self.location, max_open)
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.compact)
 
     def read(self, i: int) -> dict[str, bytes]:
-        tar, key, members = self.entries[i]
-        f = self._files.get(tar)
-        if f is None:
-            f = self._files[tar] = open(tar, "rb")
+        shard, key, members = self.compact.entry(i)
+        tar = self.compact.tars[shard]
         out = {"__key__": key.encode()}
-        for ext, (offset, size) in members.items():
-            f.seek(offset)
-            out[ext] = f.read(size)
+        if not members:
+            return out
+        # A sample's members lie next to each other in its tar (512-byte headers between):
+        # one read for all of them (one request on an object store) when that holds.
+        lo = min(o for o, _ in members.values())
+        hi = max(o + s for o, s in members.values())
+        if hi - lo <= sum(s for _, s in members.values()) + 1024 * len(members):
+            span = self.files.read(tar, lo, hi - lo)
+            for ext, (offset, size) in members.items():
+                out[ext] = span[offset - lo:offset - lo + size]
+        else:
+            for ext, (offset, size) in members.items():
+                out[ext] = self.files.read(tar, offset, size)
         return out
 
+    def read_range(self, name: str, offset: int, size: int) -> bytes:
+        """Bytes of another file of the dataset (`name` chosen by the pack, e.g. precomputed
+        inputs), through the same bounded set of open files."""
+        return self.files.read(self.location.path(name), offset, size)
+
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not readable as JSON ({type(exc).__name__}: {str(exc)[:200]}); "
-                         f"rebuild the dataset.") from None
-
-
-def _members(members, meta_path: Path, key: str) -> dict:
-    ok = isinstance(members, dict) and all(
-        isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and 0 <= x < 2**40 for x in v)
-        for v in members.values())
-    if not ok:
-        raise ValueError(f"{meta_path}: sample {key[:40]!r} must map members to [offset, size]; rebuild the dataset.")
-    return members
+        self.files.close()
 
 
 RECOGNIZER_DIRS_ENV = "PORTRAITBOOTH_RECOGNIZER_DIRS"  # more folders holding packs, for the command line

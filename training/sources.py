@@ -6,11 +6,18 @@
 
 A video gives target frames near its start and end and the reference face from its
 middle frame, as the paper does: the reference is then a different frame than the target.
+With a frame stride (`VideoFrameStream`) every K-th frame is a target and the builder
+draws each one's reference from a distant part of the same clip.
+
+People are listed without reading inside their folders (`list_people`), so a resumed or
+split build opens only the folders it still has to build (`scan_person`).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -35,21 +42,40 @@ class Person:
     class_word: str  # from class.txt, or ""
 
 
-def find_people(root: str | Path) -> list[Person]:
-    """Every sub-folder of root with at least one photo or video, sorted by name."""
+def list_people(root: str | Path) -> list[str]:
+    """Names of root's person folders (sub-folders not starting with "."), sorted; one
+    directory listing, nothing inside the folders is read."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset source folder not found: {root}")
-    people = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(f for f in folder.iterdir() if f.is_file())
-        images = [f for f in files if f.suffix.lower() in IMAGE_EXTS]
-        videos = [f for f in files if f.suffix.lower() in VIDEO_EXTS]
-        word_file = folder / "class.txt"
-        word = word_file.read_text(encoding="utf-8").strip().lower() if word_file.is_file() else ""
-        if images or videos:
-            people.append(Person(folder.name, folder, images, videos, word))
-    return people
+    from .celebv_text import is_celebv_text_root, list_clips
+
+    if is_celebv_text_root(root):  # CelebV-Text's own layout: each clip is a person
+        return list_clips(root)
+    with os.scandir(root) as entries:
+        return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+
+
+def scan_person(root: str | Path, name: str) -> Person | None:
+    """The photos, videos and class word of one person folder; None when it has no photo or video."""
+    from .celebv_text import is_celebv_text_root, scan_clip
+
+    if is_celebv_text_root(root):
+        return scan_clip(root, name)
+    folder = Path(root) / name
+    files = sorted(f for f in folder.iterdir() if f.is_file())
+    images = [f for f in files if f.suffix.lower() in IMAGE_EXTS]
+    videos = [f for f in files if f.suffix.lower() in VIDEO_EXTS]
+    if not images and not videos:
+        return None
+    word_file = folder / "class.txt"
+    word = word_file.read_text(encoding="utf-8").strip().lower() if word_file.is_file() else ""
+    return Person(name, folder, images, videos, word)
+
+
+def find_people(root: str | Path) -> list[Person]:
+    """Every sub-folder of root with at least one photo or video, sorted by name."""
+    return [p for p in (scan_person(root, name) for name in list_people(root)) if p is not None]
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -84,3 +110,42 @@ def video_frames(path: Path) -> tuple[list[np.ndarray], np.ndarray]:
         return [frame(f) for f in TARGET_FRACTIONS], frame(REFERENCE_FRACTION)
     finally:
         cap.release()
+
+
+class VideoFrameStream:
+    """Every `stride`-th frame of a video as (frame number, RGB uint8), decoded in order;
+    the frames in between are only grabbed, not decoded. With `fps` instead, the stride is
+    the clip's frame rate / fps (at least 1). After iterating, `count` is the number of
+    frames the clip has (counted, not taken from the container, which may be wrong)."""
+
+    def __init__(self, path: Path, stride: int = 1, fps: float = 0.0):
+        self.path, self.stride, self.fps = Path(path), int(stride), float(fps)
+        self.count = 0
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        cv2 = require("cv2", "Building a dataset from videos")
+        cap = cv2.VideoCapture(str(self.path))
+        try:
+            if not cap.isOpened():
+                raise SkipError("unreadable video")
+            stride = self.stride
+            if self.fps > 0:
+                native = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+                if native <= 0:
+                    raise SkipError("the video does not state its frame rate; use a frame stride instead of fps")
+                stride = max(1, round(native / self.fps))
+            stride = max(1, stride)
+            self.count = 0
+            while cap.grab():
+                n = self.count
+                self.count += 1
+                if n % stride:
+                    continue
+                ok, bgr = cap.retrieve()
+                if not ok:
+                    raise SkipError(f"could not decode frame {n}")
+                yield n, np.ascontiguousarray(bgr[:, :, ::-1])
+            if self.count < 3:
+                raise SkipError("unreadable video or fewer than 3 frames")
+        finally:
+            cap.release()

@@ -70,7 +70,8 @@ class TrainModule(nn.Module):
         device = self.models.device
         conds = []
         for i, caption in enumerate(batch.captions):
-            cond = self.text(caption).to(device)
+            # Precomputed encodings (precompute.py) are this same TextCache output, made ahead.
+            cond = batch.text[i:i + 1].to(device) if batch.text is not None else self.text(caption).to(device)
             if int(batch.modes[i]) == IDENTITY:
                 cond = splice_identity(cond, batch.identity_positions[i], batch.embeddings[i:i + 1], self.projector)
             conds.append(cond)
@@ -78,7 +79,7 @@ class TrainModule(nn.Module):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg, models = self.config, self.models
-        z0 = models.encode_pixels(batch.images)
+        z0 = batch.latents if batch.latents is not None else models.encode_pixels(batch.images)
         sigma = sigma_at(models.alphas_cumprod.to(models.device), batch.timesteps)
         x = noised_latent(z0, batch.noise, sigma)
         identity = batch.modes == IDENTITY

@@ -26,10 +26,11 @@ from . import distributed as D
 from .checkpoint import load_latest, save_checkpoint
 from .config import TrainConfig
 from .dip_check import check_embedding_size, identity_recognizer
-from .data import BatchLoader, micro_batch_rng, micro_positions
+from .data import BatchLoader, MicroBatchStream, micro_batch_rng
 from .ema import EMA
 from .metrics import MetricsLog, Progress, interactive
 from .precision import choose_precision, grad_scaler
+from .precompute import Precomputed
 from .models import Models, load_models, trainable_unet_parameters
 from .shards import ShardReader, recorded_recognizer
 from .step import TERMS, TrainModule
@@ -43,9 +44,11 @@ LOGGED_TERMS = (*TERMS, "total")
 class Trainer:
     def __init__(self, config: TrainConfig, dist: D.Dist | None = None, resume: bool = True,
                  models: Models | None = None, recognizer_roots=None, node_words: bool = False,
-                 identity_loss: bool = True):
+                 identity_loss: bool = True, projector: torch.nn.Module | None = None):
         """models: already loaded models to train instead of loading config.checkpoint
         (the evidence run trains a UNet smaller than any SD1.5 checkpoint holds).
+        projector: a projector to train instead of a fresh STEA MLP (the evidence run's
+        FastComposer-style teacher trains a postfuse projector).
         node_words: a dataset that cannot feed L_id is refused naming the DIP Trainer
         node's inputs instead of `--set` (dip_check). identity_loss=False: no recognizer is
         checked or loaded (export, which runs no training step)."""
@@ -55,7 +58,15 @@ class Trainer:
         self.dist = dist or D.setup()
         self.out = Path(config.output)
         self.reader = ShardReader(config.dataset)
-        self.loader = BatchLoader(self.reader, config)
+        # Precomputed latents/text encodings: checked against the dataset and the checkpoint
+        # before any model loads. Models handed in were not loaded from `checkpoint`, so
+        # its encoders say nothing about them: encode in the step then.
+        self.precomputed = None
+        if config.precomputed != "off" and models is None:
+            self.precomputed = Precomputed.open(self.reader, config.checkpoint)
+        elif config.precomputed != "off" and self.reader.location.exists("precomputed/manifest.json"):
+            log.info("the dataset's precomputed inputs are not used: these models were not loaded from `checkpoint`")
+        self.loader = BatchLoader(self.reader, config, self.precomputed)
         self.resolution = int(self.reader.index["resolution"])
         face = self.reader.index["face_encoder"]
         # Before any model loads: a dataset that cannot feed L_id stops the run here.
@@ -63,8 +74,8 @@ class Trainer:
                            if identity_loss else None)
         torch.manual_seed(config.seed)  # same LoRA/projector init on every rank
         self.models = models if models is not None else load_models(config, self.dist.device)
-        self.projector = STEAProjector(ProjectorConfig(face_dim=int(face["dim"]),
-                                                       hidden_dim=config.projector_hidden)).to(self.dist.device)
+        self.projector = (projector if projector is not None else STEAProjector(ProjectorConfig(
+            face_dim=int(face["dim"]), hidden_dim=config.projector_hidden))).to(self.dist.device)
         self.precision = choose_precision(config.precision, self.dist.device)
         recognizer = self._recognizer(face, recognizer_path) if identity_loss else None
         self.module = TrainModule(self.models, self.projector, config, recognizer, self.resolution, self.precision)
@@ -86,6 +97,12 @@ class Trainer:
         self.step, self.skipped_steps = 0, []
         ratio = getattr(self.models.vae, "downscale_ratio", 8)
         self.latent_hw = (self.resolution // ratio, self.resolution // ratio)
+        if self.precomputed is not None:
+            self.precomputed.check_latent_shape(self.latent_hw)
+            log.info("using the dataset's precomputed latents and text encodings (no VAE/CLIP encode per step)")
+        # The step's micro-batches: DataLoader workers, pinned memory, prefetch (data.py).
+        self.stream = MicroBatchStream(self.loader.dataset(self.latent_hw), config, self.dist.rank, self.dist.world,
+                                       self.dist.device, end_step=config.steps)
         self.global_batch = self.dist.world * config.micro_batch * config.grad_accum
         self.resumed_from = self.resume() if resume else None
 
@@ -164,8 +181,8 @@ class Trainer:
         # the same size on every rank, whichever terms its micro-batches produced.
         stats = torch.zeros(len(LOGGED_TERMS), 2, dtype=torch.float64)
         for micro in range(cfg.grad_accum):
-            positions = micro_positions(self.step, micro, self.dist.rank, cfg, self.dist.world)
-            batch = self.loader.batch(positions, self.latent_hw).to(self.dist.device)
+            batch = self.stream.get(self.step, micro).to(self.dist.device, non_blocking=True)
+            positions = batch.positions
             last = micro == cfg.grad_accum - 1
             sync = self.ddp.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()
             with sync, micro_batch_rng(cfg.seed, positions[0], self.dist.device):
@@ -230,6 +247,10 @@ class Trainer:
 
         cfg = self.config
         self.ddp.train()
+        if cfg.init_unet or cfg.stage0_steps > 0:  # FastComposer warm start: records, stage 0 on a fresh run
+            from .warm_start import before_training
+
+            before_training(self, progress=self.dist.main and callback is None and interactive())
         bar = Progress(cfg.steps, self.step, self.global_batch,
                        enabled=self.dist.main and callback is None and interactive())
         try:
@@ -264,6 +285,7 @@ class Trainer:
                 callback(self.step, cfg.steps, values)
 
     def close(self) -> None:
+        self.stream.close()
         self.reader.close()
         if self.models.lora is not None:
             self.models.lora.detach()

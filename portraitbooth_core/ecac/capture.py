@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .dispatch import LayerCall
 
@@ -41,7 +42,7 @@ def group_maps(probs: torch.Tensor, groups: Sequence[Positions], size: tuple[int
             keep = [p for p in pos if 0 <= p < tokens]
             cols.append(mean[r, :, keep].sum(-1) if keep else mean.new_zeros(n))
         out.append(torch.stack(cols))
-    return torch.stack(out, dim=1).reshape(rows, len(groups), *size)
+    return rearrange(torch.stack(out, dim=1), "r g (y x) -> r g y x", y=size[0], x=size[1])
 
 
 class AttentionStore:

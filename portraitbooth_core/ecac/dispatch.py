@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
+from einops import rearrange
 
 COND = 0  # ComfyUI's cond_or_uncond value for the positive (cond) chunk
 NO_SIGMA = 999999999.9  # what IPAdapter assumes when extra_options has no sigmas
@@ -81,17 +82,15 @@ class AttentionHook(Protocol):
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) per head, float32: (b, heads, n, tokens)."""
-    b, n, inner = q.shape
-    d = inner // heads
-    qh = q.reshape(b, n, heads, d).transpose(1, 2).float()
-    kh = k.reshape(b, k.shape[1], heads, d).transpose(1, 2).float()
-    return (qh @ kh.transpose(-1, -2) * d ** -0.5).softmax(dim=-1)
+    qh = rearrange(q, "b n (h d) -> b h n d", h=heads).float()
+    kh = rearrange(k, "b t (h d) -> b h t d", h=heads).float()
+    return (qh @ kh.transpose(-1, -2) * qh.shape[-1] ** -0.5).softmax(dim=-1)
 
 
 def apply_probs(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    b, heads, n, _ = probs.shape
-    vh = v.reshape(b, v.shape[1], heads, -1).transpose(1, 2)
-    return (probs.to(v.dtype) @ vh).transpose(1, 2).reshape(b, n, -1)
+    """probs (b, heads, n, tokens) applied to v (b, tokens, heads*d): (b, n, heads*d)."""
+    vh = rearrange(v, "b t (h d) -> b h t d", h=probs.shape[1])
+    return rearrange(probs.to(v.dtype) @ vh, "b h n d -> b n (h d)")
 
 
 def _rows(t: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:

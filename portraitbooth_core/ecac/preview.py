@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 # A perceptually ordered dark-blue -> cyan -> yellow -> red ramp; low attention stays dim.
 _RAMP = torch.tensor([[0.05, 0.05, 0.35], [0.0, 0.75, 0.9], [1.0, 0.9, 0.1], [0.9, 0.1, 0.05]])
@@ -34,4 +35,4 @@ def overlay_maps(images: torch.Tensor, maps: torch.Tensor, opacity: float = 0.6)
     heat = colorize(norm).to(images.device, images.dtype)  # (B, G, H, W, 3)
     base = images[:, None].expand(b, g, h, w, 3)
     alpha = opacity * norm.to(images.device, images.dtype)[..., None].sqrt()  # faint where attention is low
-    return (base * (1 - alpha) + heat * alpha).reshape(b * g, h, w, 3).clamp(0, 1)
+    return rearrange(base * (1 - alpha) + heat * alpha, "b g y x c -> (b g) y x c").clamp(0, 1)

@@ -158,7 +158,7 @@ def clip_image_identity(clip_vision: Any, images: torch.Tensor | np.ndarray | Se
             "preprocess": "fastcomposer: pad to square (black), resize 224 bilinear antialias, CLIP mean/std",
             "embedding": CLIP_VISION_DESCRIPTION if kind == CLIP_VISION_KIND else f"{kind} image embedding"}
     # aligned stays None: it holds 112 px ArcFace crops elsewhere, not CLIP's input.
-    return Identity(embeddings=embeds, vector=embeds.mean(0), kind=kind, metadata=meta)
+    return Identity(embeddings=embeds, vector=embeds.mean(0), kind=kind, metadata=meta, normalized=False)
 
 
 def is_clip_kind(kind: str) -> bool:

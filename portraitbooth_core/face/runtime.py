@@ -1,18 +1,36 @@
 """onnxruntime sessions with a selectable execution provider.
 
 Users of other identity packs often never learn that onnxruntime runs on the CPU (the
-CPU-only wheel is installed, or CUDA libraries do not match): we say so once, loudly.
+CPU-only wheel is installed, or CUDA libraries do not match): we say so once, loudly, and
+on a machine with a GPU we print the command that fixes it.
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from ..optional import require
 
 log = logging.getLogger("portraitbooth.face")
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 _cpu_notice_given = False
+
+
+def _gpu_present() -> bool:
+    """Whether torch sees a CUDA GPU (torch is imported already wherever this runs)."""
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - a broken CUDA setup must not stop face analysis
+        return False
+
+
+def gpu_install_command() -> str:
+    """The command that replaces the CPU-only onnxruntime wheel by the CUDA one."""
+    return (f"{sys.executable} -m pip uninstall -y onnxruntime && "
+            f"{sys.executable} -m pip install onnxruntime-gpu")
 
 
 def resolve_providers(provider: str = "auto") -> list[str]:
@@ -36,12 +54,16 @@ def resolve_providers(provider: str = "auto") -> list[str]:
         _cpu_notice_given = True
         msg = (f"[PortraitBooth] onnxruntime {ort.__version__} has no CUDA provider; face "
                "detection and recognition run on the CPU. Install 'onnxruntime-gpu' to use the GPU.")
+        if _gpu_present():
+            # The common silent failure: a GPU machine with the CPU-only wheel.
+            msg += (" This machine has a CUDA GPU, so face analysis is much slower than it need be. "
+                    f"Fix it with:\n    {gpu_install_command()}\nthen restart ComfyUI.")
         log.warning(msg)  # ComfyUI's console shows warnings; unconfigured logging prints them too
     return ["CPUExecutionProvider"]
 
 
-def make_session(model: str | os.PathLike | bytes, provider: str = "auto"):
-    """An InferenceSession for a model path or serialized bytes on the chosen provider."""
+def session_options():
+    """SessionOptions respecting a process-wide thread cap, quiet below errors."""
     ort = require("onnxruntime", "Face analysis")
     opts = ort.SessionOptions()
     threads = os.environ.get("OMP_NUM_THREADS")
@@ -50,25 +72,11 @@ def make_session(model: str | os.PathLike | bytes, provider: str = "auto"):
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    return opts
+
+
+def make_session(model: str | os.PathLike | bytes, provider: str = "auto"):
+    """An InferenceSession for a model path or serialized bytes on the chosen provider."""
+    ort = require("onnxruntime", "Face analysis")
     src = bytes(model) if isinstance(model, (bytes, bytearray)) else os.fspath(model)
-    return ort.InferenceSession(src, sess_options=opts, providers=resolve_providers(provider))
-
-
-def nms(boxes, scores, iou_threshold: float):
-    """Indices kept by greedy non-maximum suppression, highest score first (numpy)."""
-    import numpy as np
-
-    order = np.argsort(-scores)
-    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
-    keep = []
-    while order.size:
-        i = order[0]
-        keep.append(int(i))
-        rest = order[1:]
-        iw = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
-        ih = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
-        inter = iw * ih
-        iou = inter / np.maximum(areas[i] + areas[rest] - inter, 1e-9)
-        order = rest[iou <= iou_threshold]
-    return keep
+    return ort.InferenceSession(src, sess_options=session_options(), providers=resolve_providers(provider))

@@ -52,10 +52,20 @@ class FaceEncoderSpec:
     dim: int
     feature: str = "final"  # which recognizer output: the final normalized embedding
     description: str = ""   # for people, e.g. "CLIP ViT-L/14 image embedding"
+    # Whether the model was trained on L2-normalised embeddings (Identity.normalized). None
+    # (files written before it was recorded): normalised, except CLIP image embeddings (raw).
+    normalized: bool | None = None
+    # The face order (portraitbooth_core.face FACE_ORDERS) its training photos were picked
+    # with; "" when not recorded.
+    face_order: str = ""
 
     @property
     def family(self) -> str:
         return self.kind.split(":", 1)[0]
+
+    @property
+    def wants_normalized(self) -> bool:
+        return self.normalized if self.normalized is not None else self.family != "clip_vision"
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,11 @@ class PortraitBoothInfo:
             "face_encoder": {"kind": self.face_encoder.kind, "dim": self.face_encoder.dim,
                              "feature": self.face_encoder.feature,
                              **({"description": self.face_encoder.description}
-                                if self.face_encoder.description else {})},
+                                if self.face_encoder.description else {}),
+                             **({"normalized": self.face_encoder.normalized}
+                                if self.face_encoder.normalized is not None else {}),
+                             **({"face_order": self.face_encoder.face_order}
+                                if self.face_encoder.face_order else {})},
             "projector": self.projector.to_dict(),
             "class_words": list(self.class_words),
             "emotion_words": list(self.emotion_words),
@@ -127,7 +141,8 @@ class PortraitBoothInfo:
             info = cls(
                 projector=ProjectorConfig.from_dict(data["projector"]),
                 face_encoder=FaceEncoderSpec(str(face["kind"]), int(face["dim"]), str(face.get("feature", "final")),
-                                             str(face.get("description", ""))),
+                                             str(face.get("description", "")), _optional_bool(face, "normalized"),
+                                             str(face.get("face_order", ""))),
                 class_words=tuple(str(w) for w in data["class_words"]),
                 emotion_words=tuple(str(w) for w in data.get("emotion_words", DEFAULT_EMOTION_WORDS)),
                 class_synonyms=_synonyms(data.get("class_synonyms", {})),
@@ -151,6 +166,13 @@ class PortraitBoothInfo:
         return info
 
 
+def _optional_bool(data: dict, key: str) -> bool | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"face_encoder.{key} (expected true or false)")
+    return value
+
+
 def _synonyms(raw) -> dict[str, tuple[str, ...]]:
     if not isinstance(raw, dict) or not all(isinstance(v, list) and all(isinstance(w, str) for w in v)
                                             for v in raw.values()):
@@ -158,13 +180,16 @@ def _synonyms(raw) -> dict[str, tuple[str, ...]]:
     return {str(k): tuple(v) for k, v in raw.items()}
 
 
-def check_embedding(info: PortraitBoothInfo, kind: str | None, dim: int | None) -> str | None:
+def check_embedding(info: PortraitBoothInfo, kind: str | None, dim: int | None, normalized: bool | None = None,
+                    face_order: str | None = None) -> str | None:
     """Raise when embeddings of (kind, dim) cannot feed this projector.
 
     A different dimension or recognizer family (arcface vs dlib) is an error: the
-    projector would read noise. Same family and dimension but another model file (e.g.
-    buffalo_l's w600k_r50 vs antelopev2's glintr100) still runs, so that only returns a
-    warning for the caller to log.
+    projector would read noise. So is a normalised identity for a model trained on raw
+    embeddings or the reverse (`normalized`): the vector's scale differs about twentyfold.
+    Same family and dimension but another model file (e.g. buffalo_l's w600k_r50 vs
+    antelopev2's glintr100), or photos picked by another face order than the model's
+    training photos, still run, so those only return a warning for the caller to log.
     """
     want = info.face_encoder
     if dim is not None and int(dim) != want.dim:
@@ -184,7 +209,20 @@ def check_embedding(info: PortraitBoothInfo, kind: str | None, dim: int | None) 
         raise EmbeddingMismatchError(
             f"This PortraitBooth model was trained on '{want.kind}' embeddings, but the face embedding comes "
             f"from '{kind}'. Choose a '{want.family}' face encoder, or a PortraitBooth file trained for it.")
+    if normalized is not None and bool(normalized) != want.wants_normalized:
+        forms = {True: "L2-normalised", False: "raw (unnormalised)"}
+        setting = ("embedding 'normalised' in Analyze Faces" if want.wants_normalized
+                   else "embedding 'raw' in Analyze Faces" if want.family != "clip_vision"
+                   else "the CLIP Vision Identity node")
+        raise EmbeddingMismatchError(
+            f"This PortraitBooth model was trained on {forms[want.wants_normalized]} '{want.kind}' embeddings, "
+            f"but the identity holds {forms[bool(normalized)]} ones. Make the identity with {setting}, or use a "
+            f"PortraitBooth file trained on {forms[bool(normalized)]} embeddings.")
+    notes = []
     if kind and kind != want.kind:
-        return (f"face embeddings come from '{kind}' but this PortraitBooth model was trained on "
-                f"'{want.kind}'; same size, but identity may transfer less well")
-    return None
+        notes.append(f"face embeddings come from '{kind}' but this PortraitBooth model was trained on "
+                     f"'{want.kind}'; same size, but identity may transfer less well")
+    if face_order and want.face_order and face_order != want.face_order:
+        notes.append(f"the identity's photos were picked by face order '{face_order}', this model's training "
+                     f"photos by '{want.face_order}'; in photos with one face it makes no difference")
+    return "; ".join(notes) or None

@@ -5,6 +5,7 @@ pretrained text-to-image base and four fine-tunings of it with the real Trainer
 renderings (measure.py) and a Table-6-style report with stated margins (report.py).
 
     python -m training.evidence [--quick] [--seeds 0,1,2] [--jobs 2] [--out DIR]
+    python -m training.evidence --warm-start [--seeds 0] [--warm-steps 300]   # warm.py: FastComposer warm start
 
 Not the paper's figures: random-weight text encoder, a 64-channel UNet trained for
 minutes, a hand-set VAE and a stand-in recognizer.

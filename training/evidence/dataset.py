@@ -79,8 +79,9 @@ def uninformative_embeddings(samples: list[Sample], seed: int) -> list[np.ndarra
 
 
 def write_dataset(samples: list[Sample], out: Path, recognizer_path: Path, resolution: int,
-                  embeddings: list[np.ndarray] | None = None) -> Path:
-    """Shards + index.json as `python -m training build` writes them."""
+                  embeddings: list[np.ndarray] | None = None, face_encoder: dict | None = None) -> Path:
+    """Shards + index.json as `python -m training build` writes them. face_encoder: the
+    index entry when `embeddings` come from another encoder than the recognizer."""
     from ..shards import FORMAT, INDEX, ShardWriter, write_json_atomic
 
     out.mkdir(parents=True, exist_ok=True)
@@ -99,8 +100,9 @@ def write_dataset(samples: list[Sample], out: Path, recognizer_path: Path, resol
     shard = writer.close()
     write_json_atomic(out / INDEX, {"format": FORMAT, "resolution": resolution, "samples": len(samples),
                                     "shards": [shard], "identity_words": ["man", "woman"],
-                                    "face_encoder": {"kind": "arcface:evidence", "dim": world.EMBED_DIM,
-                                                     "feature": "final", "recognizer_path": str(recognizer_path)}})
+                                    "face_encoder": face_encoder or {
+                                        "kind": "arcface:evidence", "dim": world.EMBED_DIM, "feature": "final",
+                                        "recognizer_path": str(recognizer_path)}})
     return out
 
 

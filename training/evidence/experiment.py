@@ -43,6 +43,7 @@ class Experiment:
         identities = world.make_identities(plan.identities, plan.seed)
         r = plan.resolution
         samples = dataset.make_samples(identities, plan.train_per_identity, r, plan.seed + 1, self.recognizer)
+        self.samples = samples  # the warm-start evidence encodes their references with its CLIP vision model
         self.held_out = dataset.make_samples(identities, plan.held_out_per_identity, r, plan.seed + 2,
                                              self.recognizer)
         self.datasets = {"true": self.work / "data_true", "uninformative": self.work / "data_uninformative"}
@@ -56,9 +57,11 @@ class Experiment:
         self.dip_batch = dataset.held_out_batch(self.held_out, list(plan.dip_timesteps), plan.seed + 5, latent)
         self.shuffled = self.other_identity_embeddings().repeat(len(plan.stea_timesteps), 1)
 
-    def other_identity_embeddings(self) -> torch.Tensor:
+    def other_identity_embeddings(self, embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """For held-out sample i of identity k, the embedding of the same-numbered sample
-        of identity k+1: always a wrong identity, never the sample's own."""
+        of identity k+1: always a wrong identity, never the sample's own. embeddings: one
+        row per held-out sample to draw from instead of the recognizer's (the warm-start
+        teacher's CLIP image embeddings)."""
         by_identity: dict[int, list] = {}
         for s in self.held_out:
             by_identity.setdefault(s.identity, []).append(s)
@@ -68,7 +71,9 @@ class Experiment:
             j = seen.get(s.identity, 0)
             seen[s.identity] = j + 1
             other = by_identity[(s.identity + 1) % count]
-            out.append(torch.from_numpy(other[j % len(other)].embedding))
+            pick = other[j % len(other)]
+            out.append(torch.from_numpy(pick.embedding) if embeddings is None
+                       else embeddings[next(i for i, h in enumerate(self.held_out) if h is pick)])
         return torch.stack(out)
 
     def base(self, progress=None) -> Path | None:

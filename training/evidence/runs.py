@@ -75,18 +75,24 @@ def small_unet(seed: int):
 
 def load_small_models(config, device: torch.device, base: Path | None = None):
     """`training.models.load_models` on the checkpoint, with the small UNet in place
-    (fresh, or the pretrained `base` weights)."""
+    (fresh, the pretrained `base` weights, or config.init_unet's through the warm start's
+    own loader, which checks them against this UNet)."""
     from ..models import Models, load_models
 
-    loaded = load_models(dataclasses.replace(config, mode="frozen"), device)
+    loaded = load_models(dataclasses.replace(config, mode="frozen", init_unet=""), device)
     unet = small_unet(config.seed).to(device)
-    if base is not None:
+    warm = None
+    if config.init_unet:
+        from ..warm_start import load_init_unet
+
+        warm = load_init_unet(unet, config.init_unet)
+    elif base is not None:
         from safetensors.torch import load_file
 
         unet.load_state_dict(load_file(str(base)))
     loaded.base.diffusion_model = unet
     unet.requires_grad_(config.mode == "full")
-    return Models(loaded.patcher, loaded.base, unet, loaded.clip, loaded.vae, device)
+    return Models(loaded.patcher, loaded.base, unet, loaded.clip, loaded.vae, device, warm_start=warm)
 
 
 def ablation_settings(name: str, datasets: dict[str, Path]) -> dict:
@@ -103,7 +109,7 @@ PRETRAIN = {"loc_weight": 0.0, "id_weight": 0.0, "p_text_only": 0.9, "p_uncond":
 
 
 def _trainer(plan: Plan, name: str, checkpoint: Path, dataset: Path, output: Path, steps: int,
-             overrides: dict, base: Path | None):
+             overrides: dict, base: Path | None, projector=None):
     from ..config import load_config
     from ..distributed import Dist
     from ..trainer import Trainer
@@ -111,11 +117,14 @@ def _trainer(plan: Plan, name: str, checkpoint: Path, dataset: Path, output: Pat
     settings = {"checkpoint": str(checkpoint), "dataset": str(dataset), "output": str(output / name),
                 "mode": "full", "micro_batch": plan.micro_batch, "lr": plan.lr, "steps": steps,
                 "seed": plan.seed, "save_every": 10**9, "log_every": 10**9, "projector_hidden": 256,
-                **overrides}
+                # 64 px samples decode in microseconds: loader worker processes would only add
+                # start-up and hand-over costs to runs that already share the cores (--jobs).
+                "num_workers": 0, **overrides}
     config = load_config(None, settings)
     dist = Dist(device=torch.device("cpu"))
     torch.manual_seed(plan.seed)
-    return Trainer(config, dist, resume=False, models=load_small_models(config, dist.device, base))
+    return Trainer(config, dist, resume=False, models=load_small_models(config, dist.device, base),
+                   projector=projector)
 
 
 def _steps(trainer, name: str, steps: int, progress) -> list[dict]:
