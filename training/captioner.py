@@ -98,8 +98,8 @@ class BlipCaptioner:
         self.dtype = dtypes[dtype]
         try:
             self.processor = transformers.BlipProcessor.from_pretrained(self.folder, local_files_only=True)
-            self.model = transformers.BlipForConditionalGeneration.from_pretrained(
-                self.folder, local_files_only=True, use_safetensors=True, dtype=self.dtype)
+            blip = transformers.BlipForConditionalGeneration
+            self.model = blip.from_pretrained(self.folder, local_files_only=True, use_safetensors=True, dtype=self.dtype)
         except (OSError, ValueError, KeyError) as exc:
             raise CaptionerError(f"could not load the BLIP captioner from {self.folder} "
                                  f"({type(exc).__name__}: {exc}); {BLIP_HELP}.") from exc
