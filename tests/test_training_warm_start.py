@@ -287,3 +287,26 @@ def test_evidence_compares_runs_on_smoothed_margins():
     assert never["warm"]["reach"] == 100 and never["check"]["passed"] is True  # 100 <= 600 / 3
     table = warm.markdown({0: results})
     assert "| warm: teacher UNet + stage 0 | 200 | +6.0 % |" in table and "| - | - |" in table
+
+
+def test_a_clip_vision_name_read_from_the_teacher_file_stays_inside_clip_vision(tmp_path):
+    """The teacher file names its CLIP vision file; that name comes from a file anyone may have
+    written, so it is one plain name looked up inside clip_vision/, never a path as written."""
+    from types import SimpleNamespace
+
+    from training.warm_start import TeacherError, teacher_clip_vision_path
+
+    secret = tmp_path / "secret.safetensors"
+    secret.write_bytes(b"not for the teacher")
+    teacher_path = tmp_path / "models" / "portraitbooth" / "teacher.safetensors"
+    (tmp_path / "models" / "clip_vision").mkdir(parents=True)
+    teacher_path.parent.mkdir(parents=True)
+    config = SimpleNamespace(stage0_clip_vision="")
+    for name in ("../../secret.safetensors", str(secret)):
+        teacher = SimpleNamespace(path=str(teacher_path), info=SimpleNamespace(defaults={"clip_vision": name}))
+        with pytest.raises(TeacherError, match="not a plain name"):
+            teacher_clip_vision_path(config, teacher)
+    inside = tmp_path / "models" / "clip_vision" / "vit.safetensors"
+    inside.write_bytes(b"x")
+    teacher = SimpleNamespace(path=str(teacher_path), info=SimpleNamespace(defaults={"clip_vision": "vit.safetensors"}))
+    assert teacher_clip_vision_path(config, teacher) == inside.resolve()

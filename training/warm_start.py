@@ -205,11 +205,27 @@ def teacher_clip_vision_path(config, teacher) -> Path:
     name = teacher.info.defaults.get("clip_vision")
     if not name:
         raise TeacherError(f"stage0_teacher {Path(teacher.path).name} does not name its CLIP vision file. {CLIP_HOW}")
-    beside = Path(teacher.path).parent.parent / "clip_vision" / str(name)
+    # A name read from a file: one plain file name, looked up only inside clip_vision folders
+    # (never a path as written: the teacher file may come from anyone).
+    from portraitbooth_core.paths import PathNotAllowedError, check_file_name, inside
+
+    what = f"the CLIP vision file named by stage0_teacher {Path(teacher.path).name}"
+    try:
+        name = check_file_name(str(name), what)
+        beside = inside(Path(teacher.path).parent.parent / "clip_vision", name, what)
+    except (PathNotAllowedError, ValueError) as exc:
+        raise TeacherError(f"{exc} {CLIP_HOW}") from None
     if beside.is_file():
-        return beside.resolve()
-    return resolve_file(str(name), "stage0_clip_vision (named by stage0_teacher)", "clip_vision", CLIP_HOW,
-                        TeacherError)
+        return beside
+    try:
+        import folder_paths
+
+        found = folder_paths.get_full_path("clip_vision", name)
+    except (ImportError, KeyError):  # no ComfyUI folders registered (a bare CLI)
+        found = None
+    if found:
+        return Path(found).resolve()
+    raise TeacherError(f"stage0_clip_vision (named by stage0_teacher): {name} not found in clip_vision/. {CLIP_HOW}")
 
 
 def load_clip_vision(path: Path):
