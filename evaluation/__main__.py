@@ -15,7 +15,10 @@ def _scoring_options(p: argparse.ArgumentParser) -> None:
                         "auto: arcface when --pack is given, else dlib")
     g.add_argument("--pack", help="insightface pack folder (e.g. models/insightface/models/antelopev2)")
     g.add_argument("--provider", default="auto", help="onnxruntime device: auto, cpu, cuda")
-    g.add_argument("--det-threshold", type=float, default=0.6)
+    from portraitbooth_core.face.types import DEFAULT_DET_THRESHOLD  # here: importing the CLI stays light
+
+    g.add_argument("--det-threshold", type=float, default=DEFAULT_DET_THRESHOLD,
+                   help="face detection confidence (default: Analyze Faces', insightface's)")
     g.add_argument("--clip", help="local CLIP ViT-L/14: a Hugging Face folder or a .safetensors file; enables "
                                   "CLIP-T and the expression coefficient (never downloaded)")
     g.add_argument("--clip-tokenizer", help="folder with the CLIP vocab.json + merges.txt (default: beside "

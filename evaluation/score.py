@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from portraitbooth_core.face import Identity
+from portraitbooth_core.face import DEFAULT_DET_THRESHOLD, Identity
 from portraitbooth_core.scoring.identity_score import IdentityScorer
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -113,7 +113,7 @@ def summarize(records: list[dict], key: str) -> dict[str, dict]:
             for name, rs in groups.items()}
 
 
-def score_folder(references: Path, images: Path, encoder, clip=None, det_threshold: float = 0.6,
+def score_folder(references: Path, images: Path, encoder, clip=None, det_threshold: float = DEFAULT_DET_THRESHOLD,
                  log=print) -> dict:
     """Everything the report needs, as plain JSON-able data."""
     subjects = find_subjects(references)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,7 +43,9 @@ class ComfyServer:
                  custom_node_dirs: list[str | os.PathLike] | None = None):
         self.comfy = comfyui_dir()
         self.python = python or sys.executable
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="pb-comfy-"))
+        # A work dir made here is this server's to delete on stop(); a caller's is left alone.
+        self.owns_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="pb-comfy-"))
         self.input_dir = self.workdir / "input"
         self.output_dir = self.workdir / "output"
         self.log_path = self.workdir / "server.log"
@@ -61,6 +64,15 @@ class ComfyServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 120.0) -> ComfyClient:
+        """Start ComfyUI and wait until it answers; on failure stop() has already run (its own
+        work dir is gone), and the ServerStartError carries the log's tail."""
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> ComfyClient:
         for d in (self.input_dir, self.output_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -106,7 +118,7 @@ class ComfyServer:
                 return self.client
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.3)
-        self.stop()
+        # start() stops the server (and may delete the log with the work dir): read the tail first.
         raise ServerStartError(f"ComfyUI did not answer within {timeout:.0f} s.\n"
                                f"--- server log tail ---\n{self.log_tail()}")
 
@@ -117,15 +129,21 @@ class ComfyServer:
             return "(no log)"
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        pgid = os.getpgid(self.proc.pid)
-        os.killpg(pgid, signal.SIGTERM)
+        """End ComfyUI's process group, then delete the work dir if this server made it
+        (outputs and the log with it: fetch them over HTTP or pass a workdir to keep them)."""
         try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
-            self.proc.wait(timeout)
+            if self.proc is not None and self.proc.poll() is None:
+                pgid = os.getpgid(self.proc.pid)
+                os.killpg(pgid, signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    os.killpg(pgid, signal.SIGKILL)
+                    self.proc.wait(timeout)
+        finally:
+            if self.owns_workdir:
+                # ignore_errors: a straggler of the process group may still be closing files.
+                shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "ComfyServer":
         self.start()

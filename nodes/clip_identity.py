@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from portraitbooth_core.face import NoFaceError
+from portraitbooth_core.face import DEFAULT_DET_THRESHOLD, NoFaceError
 from portraitbooth_core.face.clip_image import CROP_MODES, clip_image_identity, fastcomposer_pixels, person_crop_box
 from portraitbooth_core.face.images import comfy_to_uint8_list
 
@@ -56,7 +56,7 @@ class CLIPVisionIdentity(io.ComfyNode):
                                tooltip=f"'{FULL}': the whole photo, as FastComposer's demo. '{PERSON}': a "
                                        "head-and-shoulders crop around the largest face (closer to FastComposer's "
                                        "training crops; needs face_encoder)."),
-                io.Float.Input("det_threshold", default=0.6, min=0.05, max=0.99, step=0.01,
+                io.Float.Input("det_threshold", default=DEFAULT_DET_THRESHOLD, min=0.05, max=0.99, step=0.01,
                                tooltip=f"Face detection confidence for '{PERSON}'; lower it if a real face is "
                                        "missed. Unused for the full photo."),
                 FaceEncoder.Input("face_encoder", optional=True,

@@ -7,9 +7,9 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from portraitbooth_core.face import (COMBINE_MODES, DETECTORS, EMBEDDING_FORMS, MEAN_OF_NORMALISED,
-                                     NO_FACE_ACTIONS, PROVIDER_CHOICES, RECOGNIZERS, SELECT_RULES, PackError,
-                                     build_encoder, find_packs, find_parsing_weights, uint8_to_comfy)
+from portraitbooth_core.face import (COMBINE_MODES, DEFAULT_DET_THRESHOLD, DETECTORS, EMBEDDING_FORMS,
+                                     MEAN_OF_NORMALISED, NO_FACE_ACTIONS, PROVIDER_CHOICES, RECOGNIZERS, SELECT_RULES,
+                                     PackError, build_encoder, find_packs, find_parsing_weights, uint8_to_comfy)
 
 from .contracts import FaceEmbedding, FaceEncoder
 from .paths import checked_inputs, validate_widget_inputs
@@ -105,9 +105,10 @@ class AnalyzeFaces(io.ComfyNode):
                              tooltip="Used with select=index: 0 is the leftmost face."),
                 io.Combo.Input("on_no_face", options=list(NO_FACE_ACTIONS), default="error",
                                tooltip="error: stop and name the photo; skip: leave photos without a face out."),
-                io.Float.Input("det_threshold", default=0.5, min=0.05, max=0.99, step=0.01,
-                               tooltip="Detection confidence; lower it if a real face is missed. 0.5 is "
-                                       "insightface's default, which IPAdapter FaceID, InstantID and PuLID use."),
+                io.Float.Input("det_threshold", default=DEFAULT_DET_THRESHOLD, min=0.05, max=0.99, step=0.01,
+                               tooltip=f"Detection confidence; lower it if a real face is missed. "
+                                       f"{DEFAULT_DET_THRESHOLD} is insightface's default, which IPAdapter FaceID, "
+                                       "InstantID and PuLID use."),
                 # optional: graphs saved before these existed still queue, with today's result
                 io.Combo.Input("combine", options=list(COMBINE_MODES), default=MEAN_OF_NORMALISED, optional=True,
                                tooltip="How several photos become one identity. 'mean of normalised embeddings': "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from portraitbooth_core.face.types import DEFAULT_DET_THRESHOLD
 from portraitbooth_core.scoring.identity_score import IdentityScorer, format_report, ranking
 
 from .contracts import FaceEmbedding, FaceEncoder
@@ -31,8 +32,9 @@ class IdentityScore(io.ComfyNode):
                 FaceEmbedding.Input("reference", tooltip="The person's identity, from Analyze Faces."),
                 io.Image.Input("images", tooltip="Generated images (a batch) to score."),
                 io.Boolean.Input("sort", default=True, tooltip="Output the images best first."),
-                io.Float.Input("det_threshold", default=0.6, min=0.05, max=0.99, step=0.01,
-                               tooltip="Detection confidence; faces below it count as no face."),
+                io.Float.Input("det_threshold", default=DEFAULT_DET_THRESHOLD, min=0.05, max=0.99, step=0.01,
+                               tooltip="Detection confidence; faces below it count as no face. The default is "
+                                       "Analyze Faces' (insightface's)."),
                 FaceEmbedding.Input("reference_2", optional=True,
                                     tooltip="A second person, for two-subject images: faces are matched to "
                                             "the two references greedily and the score is their mean."),

@@ -124,3 +124,79 @@ def test_setup_with_comfyui_path_leaves_the_default_host_alone(tmp_path):
     assert own.parent == (tmp_path / "cache" / "portraitbooth" / "hosts").resolve()
     assert f"COMFYUI={comfyui_dir()}" in (own / "env").read_text()
     assert (own / "cache" / "photos").resolve() == (default / "cache" / "photos").resolve()
+
+
+
+FAKE_COMFYUI_ANSWERS = """
+import http.server, sys
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class Answer(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b"{}")
+http.server.HTTPServer(("127.0.0.1", port), Answer).serve_forever()
+"""
+
+
+def _fake_python(folder: Path, name: str, body: str) -> str:
+    """An executable standing in for the Python that runs ComfyUI's main.py (it gets the same
+    arguments), so start-up answers, fails or hangs in well under a second, not 20-60 s."""
+    script = folder / name
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_server_deletes_the_work_dir_it_made_but_never_a_callers(tmp_path, monkeypatch):
+    import shlex
+    import sys
+    import tempfile
+
+    import pytest
+
+    from headless.server import ComfyServer, ServerStartError
+
+    made_here = tmp_path / "tmp"
+    made_here.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(made_here))  # where mkdtemp puts pb-comfy-*
+    answers = _fake_python(tmp_path, "answers", f'exec {shlex.quote(sys.executable)} -c '
+                                                 f'{shlex.quote(FAKE_COMFYUI_ANSWERS)} "$@"')
+    crashes = _fake_python(tmp_path, "crashes", "echo 'fake start-up failure' >&2; exit 3")
+    hangs = _fake_python(tmp_path, "hangs", "exec sleep 60")
+
+    # Started and stopped through the with-block, as headless.generate and evaluation use it.
+    with ComfyServer(python=answers) as server:
+        assert server.client.get_json("/system_stats") == {}
+        assert (server.workdir / "server.log").is_file()
+    assert server.proc.poll() is not None and not server.workdir.exists()
+
+    # Never started: stop() alone removes it.
+    server = ComfyServer()
+    assert server.workdir.parent == made_here and server.workdir.is_dir()
+    server.stop()
+    assert not server.workdir.exists()
+
+    # Start-up fails inside a with-block, so __exit__ never runs: start() cleans up, and the
+    # log's tail still reaches the error.
+    with pytest.raises(ServerStartError, match="fake start-up failure"):
+        with ComfyServer(python=crashes):
+            pass
+    # Runs but never answers: killed with its process group, its dir deleted.
+    server = ComfyServer(python=hangs)
+    with pytest.raises(ServerStartError, match="did not answer"):
+        server.start(timeout=1)
+    assert server.proc.poll() is not None, "the hung server was left running"
+    assert list(made_here.iterdir()) == [], "a pb-comfy-* folder was left behind"
+
+    # The caller's folder stays the caller's: kept, with the log, after a failed start and stop().
+    own = tmp_path / "own"
+    server = ComfyServer(own, python=crashes)
+    with pytest.raises(ServerStartError):
+        server.start()
+    server.stop()
+    assert "fake start-up failure" in (own / "server.log").read_text()
+    with ComfyServer(own, python=answers):
+        pass
+    assert (own / "server.log").is_file()

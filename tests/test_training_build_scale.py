@@ -85,6 +85,12 @@ def test_two_parts_merge_into_the_one_process_dataset(people, reference, tmp_pat
     assert reports[0]["people"] + reports[1]["people"] == whole["people"] and reports[0]["people"] > 900
     out = tmp_path / "merged"
     report = merge_parts(out, [parts[1], parts[0]])  # any order on the command line
+    # the parts have no precomputed inputs: the report says so (the rest is report.json's)
+    assert report.pop("precomputed") == {
+        "carried": False, "parts": [str(parts[0]), str(parts[1])],
+        "command": f"python -m training precompute {out} --model SD15.safetensors",
+        "message": f"precomputed inputs not carried: none of the parts has precomputed inputs. Make them for the "
+                   f"merged dataset with `python -m training precompute {out} --model SD15.safetensors`."}
     assert report == whole
     assert_same_dataset(out, reference)
 

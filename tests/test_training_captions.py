@@ -317,3 +317,75 @@ def test_build_command_rejects_a_bad_synonyms_file_or_captioner_folder(tmp_path,
                  f"blip:{tmp_path / 'none'}"]) == 2
     assert f"captioner folder not found: {tmp_path / 'none'}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # checked before anything is analyzed or written
+
+
+def _many_captions(n: int) -> list[str]:
+    """Varied captions: every class word and synonym, expression words of every emotion
+    (also two-word ones and none), weights, and one subject pushed past the first chunk."""
+    from portraitbooth_core.vocabulary import CLASS_WORDS, EMOTIONS
+
+    subjects = [w for syns in CLASS_WORDS.values() for w in syns]
+    feelings = [w for words in EMOTIONS.values() for w in words]
+    out = []
+    for i in range(n):
+        who, how = subjects[i % len(subjects)], feelings[(7 * i) % len(feelings)]
+        shapes = (f"a photo of a {who} {how} in a park",
+                  f"A close up of a {how} {who}, then {feelings[(i + 3) % len(feelings)]}",
+                  f"(a {who}:1.2) wearing a hat",
+                  f"{'very ' * 80}tall {who} {how}")
+        out.append(shapes[i % len(shapes)])
+    return out
+
+
+def _reference_positions(finder, caption: str, word: str):
+    """TokenFinder.positions as it was before its matchers were cached: the core's finders,
+    which build a new matcher on every call (the pack's inference path)."""
+    from portraitbooth_core.ecac.expression_words import find_expression_tokens, find_word_tokens
+    from training.captions import CHUNK, CaptionError
+
+    chunks = finder.tokenize(caption, disable_weights=True)[:1]
+    ident = [m.position for m in find_word_tokens(chunks, [word], finder.ids_of, finder.ends_word, finder.special)
+             if m.position < CHUNK]
+    if not ident:
+        raise CaptionError(f"class word '{word}' is not within the first {CHUNK - 2} tokens of the caption")
+    expr = [m for m in find_expression_tokens(chunks, finder.ids_of, finder.ends_word, finder.special)
+            if m.position < CHUNK]
+    return ident[:1], [m.word for m in expr], [m.position for m in expr]
+
+
+def test_many_captions_build_each_word_matcher_once_with_unchanged_results(finder, monkeypatch):
+    from portraitbooth_core.stea.class_words import ClassWordMatcher
+    from portraitbooth_core.vocabulary import CLASS_WORDS
+    from training.captions import CaptionError, TokenFinder, caption_info, normalize_class_word
+
+    captions = _many_captions(48)
+    expected = []
+    for text in captions:
+        caption, word, written = normalize_class_word(text)
+        try:
+            expected.append((caption, word, *_reference_positions(finder, caption, word), written))
+        except CaptionError as exc:
+            expected.append(str(exc))
+    assert sum(isinstance(e, str) for e in expected) == 12  # the long captions: subject past the chunk
+    assert sum(bool(e[3]) for e in expected if not isinstance(e, str)) >= 20  # expressions found
+
+    built = []
+    original = ClassWordMatcher.__init__
+
+    def counting(self, words, *args, **kwargs):
+        built.append(tuple(words))
+        original(self, words, *args, **kwargs)
+
+    monkeypatch.setattr(ClassWordMatcher, "__init__", counting)
+    fresh = TokenFinder(finder._own_tokenizer)  # no matchers cached yet
+    got = []
+    for text in captions:
+        try:
+            info = caption_info(text, fresh)
+            got.append((info.caption, info.identity_word, info.identity_positions, info.expression_words,
+                        info.expression_positions, info.subject_word))
+        except CaptionError as exc:
+            got.append(str(exc))
+    assert got == expected
+    # One matcher for the expression vocabulary, one per identity word: not one per caption.
+    assert len(built) == len(set(built)) == 1 + len(CLASS_WORDS), built

@@ -346,6 +346,27 @@ def test_precomputed_inputs_give_the_loss_of_encoding_in_the_step(precomputed, t
         t.close()
 
 
+def test_models_handed_in_use_precomputed_inputs_only_when_their_encoders_are_the_checkpoints(precomputed, tmp_path):
+    # The evidence runs hand the trainer the checkpoint's encoders with their own UNet:
+    # the precomputed latents fit them. Encoders of unknown origin must not use them.
+    from training.models import load_models
+    from training.trainer import Trainer
+
+    config = train_config(precomputed, tmp_path / "run")
+    models = load_models(config, torch.device("cpu"))
+    assert models.encoders_from == config.checkpoint
+    t = Trainer(config, models=models)
+    try:
+        assert t.precomputed is not None
+    finally:
+        t.close()
+    t = Trainer(train_config(precomputed, tmp_path / "run2"), models=dataclasses.replace(models, encoders_from=None))
+    try:
+        assert t.precomputed is None and t.loader.batch([0], t.latent_hw).latents is None
+    finally:
+        t.close()
+
+
 def test_a_precompute_older_than_the_dataset_or_of_another_model_is_refused(precomputed, tmp_path):
     from training.precompute import MANIFEST, PrecomputedError
     from training.trainer import Trainer

@@ -70,7 +70,7 @@ def test_fp16_trains_with_loss_scaling_and_an_overflow_only_lowers_the_scale(sd1
         assert t.scaler.get_scale() == 65536.0  # torch's initial scale; at random init it may overflow once
         t.scaler.load_state_dict({**t.scaler.state_dict(), "scale": 256.0})  # one that fits: this step trains
         before = {n: p.detach().clone() for n, p in t.params.items()}
-        values = t.train_step()
+        values = t.train_step()  # seed 0: step 1 draws an identity sample at t = 65, so L_id is in it
         assert values["loss_scale"] == 256.0 and "scale_overflow" not in values and "skipped" not in values
         assert all(torch.isfinite(torch.tensor(values[k])) for k in ("noise", "loc", "id", "total"))
         assert any(not torch.equal(before[n], p) for n, p in t.params.items())  # it trained

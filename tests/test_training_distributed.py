@@ -40,7 +40,8 @@ RECIPE_STEPS = 4  # seed 0, micro-batches of 1: steps 1-3 mix ranks with and wit
 
 
 def recipe() -> dict:
-    """The recipe's own mix (the shared fixture widens the L_id window for in-process tests)."""
+    """The recipe's own mix, stated: these tests' point (ranks with and without L_id in one
+    step) needs it, so a change of the shared fixture must not move it."""
     from training.config import TrainConfig
 
     cfg = TrainConfig()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
 
@@ -10,6 +11,7 @@ import torch
 
 from conftest import TEST_CHECKPOINT, load_pack
 from training_fixtures import *  # noqa: F401,F403
+from training_fixtures import steps_with_identity_loss
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def test_dip_trainer_node_trains_continues_and_saves_into_models(pack_modules, i
     run_dir = os.path.join(folder_paths.get_output_directory(), node_module.RUNS, run_name)
     common = dict(ckpt_name=TEST_CHECKPOINT, dataset="faces", run_name=run_name, output_name=run_name, mode="lora",
                   batch_size=2, grad_accum=1, learning_rate=1e-3, lora_rank=4, save_every=1, seed=0,
-                  gradient_checkpointing=True, extra_settings="id_max_timestep=999\nlog_every=1",
+                  gradient_checkpointing=True, extra_settings="log_every=1",
                   recognizer=RECOGNIZER)
     target = None
     try:
@@ -88,6 +90,11 @@ def test_dip_trainer_node_trains_continues_and_saves_into_models(pack_modules, i
         assert load_portraitbooth(target).info.training["steps"] == 3
         steps = [line for line in open(os.path.join(run_dir, "metrics.jsonl"))]
         assert len(steps) == 3  # steps 1, 2, then only 3: nothing was trained twice
+        # At the recipe's R_t = 250, L_id on exactly the steps that drew it (seed 0: step 1 only).
+        from training.config import TrainConfig
+
+        expected = steps_with_identity_loss(TrainConfig(seed=0, micro_batch=2), 3)
+        assert ["id" in json.loads(line) for line in steps] == expected and expected[0]
         assert torch.is_inference_mode_enabled() is False
         paths, _ = pack_modules
         with pytest.raises(paths.PathNotAllowedError, match="outside ComfyUI's input, output and models"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from training_fixtures import *  # noqa: F401,F403
-from training_fixtures import train_config
+from training_fixtures import steps_with_identity_loss, train_config
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +71,8 @@ def test_text_only_and_unconditional_samples_add_no_identity_terms(trainer):
     assert "id" not in terms and float(terms["loc"].detach()) == 0.0 and float(terms["noise"].detach()) > 0
     # Late timesteps: DIP (t <= R_t = 250 in the paper's recipe) is off even for identity samples.
     late = identity_batch(trainer, timesteps=(600, 900))
-    module_config = trainer.module.config
-    trainer.module.config = dataclasses.replace(module_config, id_max_timestep=250)
-    try:
-        assert "id" not in trainer.module(late)
-    finally:
-        trainer.module.config = module_config
+    assert trainer.module.config.id_max_timestep == 250  # the fixture keeps the recipe's window
+    assert "id" not in trainer.module(late)
 
 
 @pytest.mark.parametrize("term", ["noise", "loc", "id"])
@@ -139,6 +135,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(sd15_checkpoint, datase
 
 
 def test_total_loss_goes_down_and_everything_is_logged(sd15_checkpoint, dataset_dir, tmp_path):
+    """At the recipe's own R_t = 250 and text-only/unconditional shares: L_id is logged on
+    exactly the steps that drew an identity sample with t <= 250 and on no other."""
+    from training.config import TrainConfig
+    from training.data import IDENTITY, TEXT_ONLY, UNCOND, draw, micro_positions
     from training.metrics import read_metrics
     from training.trainer import Trainer
 
@@ -161,6 +161,19 @@ def test_total_loss_goes_down_and_everything_is_logged(sd15_checkpoint, dataset_
     assert [r["step"] for r in records] == list(range(1, 11))
     assert all({"noise", "loc", "total", "lr", "grad_norm"} <= r.keys() for r in records)
     assert any("id" in r for r in records)
+    recipe = ("id_max_timestep", "p_text_only", "p_uncond", "id_weight")
+    assert {k: getattr(t.config, k) for k in recipe} == {k: getattr(TrainConfig(), k) for k in recipe}
+    expected = steps_with_identity_loss(t.config, 10)
+    assert ["id" in r for r in records] == expected
+    assert [r["id_batches"] for r in records] == [int(e) for e in expected]
+    # Not vacuous: the 20 samples (seed 0) hold text-only and unconditional ones, a step
+    # whose L_id sample shares its micro-batch with one of them, and identity samples beyond
+    # R_t that alone leave a step without L_id.
+    drawn = [[draw(p, t.config, t.latent_hw) for p in micro_positions(s, 0, 0, t.config, 1)] for s in range(10)]
+    modes = {d["mode"] for step in drawn for d in step}
+    assert {TEXT_ONLY, UNCOND, IDENTITY} <= modes
+    assert any(e and any(d["mode"] != IDENTITY for d in step) for e, step in zip(expected, drawn))
+    assert any(not e and any(d["mode"] == IDENTITY for d in step) for e, step in zip(expected, drawn))
     assert (tmp_path / "validation" / "step-00000010.png").is_file()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000010.pt"]  # keep_last=1

@@ -75,14 +75,31 @@ def dataset_dir(tmp_path_factory, people_dir, train_encoder) -> Path:
 
 
 def train_config(dataset: Path, output: Path, **overrides):
-    """A short CPU run on the stand-in SD1.5 checkpoint; DIP on every timestep so that
-    L_id shows up in a few steps."""
+    """A short CPU run on the stand-in SD1.5 checkpoint. Only sizes are shrunk (steps, batch,
+    LoRA rank, a rate that moves in 2 steps); the recipe (R_t = 250, the text-only and
+    unconditional shares, loss weights) stays at its defaults. With seed 0 and micro-batches
+    of 2, step 1 draws an identity sample at t = 65 (L_id) and step 2 none
+    (test_training_run.py: test_total_loss_goes_down_and_everything_is_logged checks 10 such steps)."""
     from training.config import load_config
 
     base = {"checkpoint": str(COMFY_DIR / "models" / "checkpoints" / TEST_CHECKPOINT), "dataset": str(dataset),
-            "output": str(output), "steps": 2, "micro_batch": 2, "lr": 1e-3, "id_max_timestep": 999,
+            "output": str(output), "steps": 2, "micro_batch": 2, "lr": 1e-3,
             "save_every": 1000, "lora_rank": 4, "lora_alpha": 4.0}
     return load_config(None, {**base, **overrides})
+
+
+def steps_with_identity_loss(config, steps: int, world: int = 1) -> list[bool]:
+    """Per step (from the first): whether its global batch drew an identity sample with
+    t <= R_t, i.e. whether L_id must be logged, from the recipe's draws alone (they depend
+    on the seed and the sample position, not on the dataset or the trainer)."""
+    from training.data import IDENTITY, draw, micro_positions
+
+    def dip(position: int) -> bool:
+        d = draw(position, config, (1, 1))  # mode and t are drawn before the noise: its size does not matter
+        return d["mode"] == IDENTITY and d["t"] <= config.id_max_timestep
+
+    return [any(dip(p) for rank in range(world) for micro in range(config.grad_accum)
+                for p in micro_positions(step, micro, rank, config, world)) for step in range(steps)]
 
 
 def edit_json(path: Path, change) -> None:

@@ -54,6 +54,7 @@ def _merge(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_report(report))
+    print(report["precomputed"]["message"])
     return 0
 
 
@@ -179,7 +180,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--parsing-weights", help="parsing_bisenet.pth; default: ellipse masks")
     b.add_argument("--resolution", type=int, default=512, help="side of the square training crops")
     b.add_argument("--crop-scale", type=float, default=3.0, help="crop side as a multiple of the face box")
-    b.add_argument("--det-threshold", type=float, default=0.6, help="face detection confidence")
+    from portraitbooth_core.face.types import DEFAULT_DET_THRESHOLD  # here: importing the CLI stays light
+
+    b.add_argument("--det-threshold", type=float, default=DEFAULT_DET_THRESHOLD,
+                   help="face detection confidence (default: Analyze Faces', insightface's)")
     b.add_argument("--min-face", type=int, default=32, help="skip faces smaller than this (pixels)")
     b.add_argument("--several-faces", choices=("skip", "largest"), default="skip",
                    help="photos with several faces: skip them, or use the largest face")
@@ -206,7 +210,8 @@ def parser() -> argparse.ArgumentParser:
                    "frames per second of video")
     b.add_argument("--video-reference-gap", type=float, default=0.25, help="with --video-stride/--video-fps: the "
                    "reference frame lies at least this fraction of the clip away from its target")
-    m = sub.add_parser("merge", help="join the parts of a `build --part i/N` into one dataset")
+    m = sub.add_parser("merge", help="join the parts of a `build --part i/N` into one dataset (with their "
+                       "precomputed inputs when every part has them, made with the same model and --dtype)")
     m.add_argument("output", help="dataset folder to write (the one a single build would write)")
     m.add_argument("parts", nargs="+", help="the part folders, all N of them")
     m.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUTPUT")

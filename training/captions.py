@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from portraitbooth_core.stea.class_words import TokenizerWords
-from portraitbooth_core.ecac.expression_words import find_expression_tokens, find_word_tokens
-from portraitbooth_core.vocabulary import CLASS_WORDS
+from portraitbooth_core.ecac.expression_words import TokenMatch, matches
+from portraitbooth_core.vocabulary import CLASS_WORDS, expression_words
 
 CLIP_KEY = "l"
 CHUNK = 77
@@ -128,16 +128,20 @@ class TokenFinder(TokenizerWords):
         self._own_tokenizer = tokenizer  # TokenizerWords keeps only a weak reference
         super().__init__(tokenizer, CLIP_KEY)
 
+    def find(self, chunks, words) -> list[TokenMatch]:
+        """`expression_words.find_word_tokens` with this finder's matcher for `words`, built
+        once per word list (building one tokenizes every word: ~170 for the expressions)."""
+        words = tuple(w for w in dict.fromkeys(w.strip().lower() for w in words) if w)
+        return matches(self.matcher(words), chunks) if words else []
+
     def positions(self, caption: str, identity_word: str) -> tuple[list[int], list[str], list[int]]:
         """(identity positions, expression words, expression positions) in the first chunk."""
         chunks = self.tokenize(caption, disable_weights=True)[:1]
-        ident = [m.position for m in find_word_tokens(chunks, [identity_word], self.ids_of, self.ends_word,
-                                                      self.special) if m.position < CHUNK]
+        ident = [m.position for m in self.find(chunks, [identity_word]) if m.position < CHUNK]
         if not ident:
             raise CaptionError(f"class word '{identity_word}' is not within the first {CHUNK - 2} tokens "
                                f"of the caption")
-        expr = [m for m in find_expression_tokens(chunks, self.ids_of, self.ends_word, self.special)
-                if m.position < CHUNK]
+        expr = [m for m in self.find(chunks, expression_words()) if m.position < CHUNK]
         return ident[:1], [m.word for m in expr], [m.position for m in expr]
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from portraitbooth_core.face.align import align_face
 from portraitbooth_core.face.images import resize
 from portraitbooth_core.face.parsing import fallback_mask
-from portraitbooth_core.face.types import DetectedFace
+from portraitbooth_core.face.types import DEFAULT_DET_THRESHOLD, DetectedFace
 
 from .sources import SkipError
 
@@ -26,7 +26,7 @@ from .sources import SkipError
 class CropSettings:
     resolution: int = 512
     crop_scale: float = 3.0       # crop side / face side, capped by the image's short side
-    det_threshold: float = 0.6
+    det_threshold: float = DEFAULT_DET_THRESHOLD  # as Analyze Faces: the same faces as at inference
     min_face: int = 32            # px in the source photo; smaller faces carry no identity
     several_faces: str = "skip"   # or "largest": keep the largest face of a group photo
 

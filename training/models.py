@@ -31,6 +31,9 @@ class Models:
     device: torch.device
     lora: LoRASet | None = None
     warm_start: dict | None = None   # what init_unet loaded (warm_start.load_init_unet), for the run's records
+    # The checkpoint file whose VAE and text encoder these are: a dataset's precomputed
+    # latents/text encodings are only valid for that file (precompute.encoder_fingerprint).
+    encoders_from: str | None = None
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -72,7 +75,7 @@ def load_models(config: TrainConfig, device: torch.device) -> Models:
     vae.device = device
     base.requires_grad_(False)
     unet = base.diffusion_model
-    models = Models(patcher, base, unet, clip, vae, device, warm_start=warm)
+    models = Models(patcher, base, unet, clip, vae, device, warm_start=warm, encoders_from=str(config.checkpoint))
     if config.mode == "full":
         unet.requires_grad_(True)
     elif config.mode == "lora":

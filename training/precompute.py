@@ -26,6 +26,7 @@ import struct
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -215,12 +216,40 @@ def _side_file_current(reader: ShardReader, name: str, index_digest: str, encode
         (FORMAT, index_digest, encoders, dtype)
 
 
+def side_file_bytes(shard_name: str, index_digest: str, encoders: str, dtype: str, keys: list[str],
+                    digests: list[bytes], captions: list[str], latents: torch.Tensor,
+                    text: Callable[[str], torch.Tensor]) -> bytes:
+    """One shard's side file: `latents` [n,4,h,w] and each sample's key, sample_digest and
+    caption in shard order; `text(caption)` gives a caption's [1,77,768] encoding. The text
+    table holds the shard's distinct captions, sorted, with row 0 the empty caption (what an
+    unconditional draw uses). Written by `precompute`, and by `merge` from the parts' rows."""
+    from safetensors.torch import save
+
+    distinct = [""] + sorted(set(captions) - {""})
+    rows = {c: r for r, c in enumerate(distinct)}
+    tensors = {
+        "latents": latents.to(DTYPES[dtype]),
+        "text": torch.cat([text(c) for c in distinct]).to(DTYPES[dtype]),
+        "text_row": torch.tensor([rows[c] for c in captions], dtype=torch.int64),
+        "digest": torch.tensor([list(d) for d in digests], dtype=torch.uint8).reshape(len(keys), 16),
+    }
+    meta = {"format": FORMAT, "shard": shard_name, "index_digest": index_digest,
+            "encoders": encoders, "dtype": dtype, "keys": json.dumps(keys)}
+    return save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+
+
+def manifest_bytes(encoders: str, checkpoint_name: str, dtype: str, latent_shape: list[int], resolution: int,
+                   shard_digests: dict[str, str]) -> bytes:
+    """precomputed/manifest.json, written after every side file: its presence means a complete set."""
+    manifest = {"format": FORMAT, "encoders": encoders, "checkpoint": checkpoint_name, "dtype": dtype,
+                "latent_shape": list(latent_shape), "resolution": resolution, "shards": shard_digests}
+    return json.dumps(manifest, indent=1, sort_keys=True).encode()
+
+
 def precompute(dataset: str, checkpoint: str, device: torch.device | str = "cpu", batch_size: int = 16,
                dtype: str = "fp32", progress: bool = True) -> dict:
     """Write the precomputed inputs of every shard (shards already done for this dataset,
     model and dtype are kept: an interrupted run continues), then the manifest."""
-    from safetensors.torch import save
-
     from .config import TrainConfig
     from .data import decode
     from .models import load_models
@@ -266,32 +295,22 @@ def precompute(dataset: str, checkpoint: str, device: torch.device | str = "cpu"
                 raw = reader.read(i)
                 sample = decode(raw)
                 keys.append(raw["__key__"].decode())
-                sample_digests.append(list(sample_digest(raw)))
+                sample_digests.append(sample_digest(raw))
                 captions.append(sample["meta"]["caption"])
                 images.append(sample["image"])
                 if len(images) == batch_size:
                     flush()
             flush()
-            distinct = [""] + sorted(set(captions) - {""})
-            rows = {c: r for r, c in enumerate(distinct)}
-            tensors = {
-                "latents": (torch.cat(latents) if latents else torch.zeros(0, *latent_shape)).to(DTYPES[dtype]),
-                "text": torch.cat([text(c) for c in distinct]).to(DTYPES[dtype]),
-                "text_row": torch.tensor([rows[c] for c in captions], dtype=torch.int64),
-                "digest": torch.tensor(sample_digests, dtype=torch.uint8).reshape(count, 16),
-            }
-            meta = {"format": FORMAT, "shard": shard_name, "index_digest": digests[shard_name],
-                    "encoders": encoders, "dtype": dtype, "keys": json.dumps(keys)}
-            data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+            data = side_file_bytes(shard_name, digests[shard_name], encoders, dtype, keys, sample_digests, captions,
+                                   torch.cat(latents) if latents else torch.zeros(0, *latent_shape), text)
             reader.location.write_bytes_atomic(name, data)
             written += 1
             total_bytes += len(data)
             if progress:
                 print(f"[precompute] {s + 1}/{len(names)} {shard_name}: {count} samples, "
-                      f"{len(distinct) - 1} captions, {len(data) / 2**20:.1f} MiB", flush=True)
-        manifest = {"format": FORMAT, "encoders": encoders, "checkpoint": Path(checkpoint).name, "dtype": dtype,
-                    "latent_shape": latent_shape, "resolution": resolution, "shards": digests}
-        reader.location.write_bytes_atomic(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+                      f"{len(set(captions) - {''})} captions, {len(data) / 2**20:.1f} MiB", flush=True)
+        reader.location.write_bytes_atomic(MANIFEST, manifest_bytes(encoders, Path(checkpoint).name, dtype,
+                                                                    latent_shape, resolution, digests))
     finally:
         reader.close()
     return {"samples": len(compact), "shards": len(names), "written": written, "kept": kept,

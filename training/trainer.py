@@ -41,6 +41,10 @@ log = logging.getLogger("portraitbooth.training")
 LOGGED_TERMS = (*TERMS, "total")
 
 
+def _same_file(a: str | None, b: str | None) -> bool:
+    return bool(a) and bool(b) and Path(a).resolve() == Path(b).resolve()
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, dist: D.Dist | None = None, resume: bool = True,
                  models: Models | None = None, recognizer_roots=None, node_words: bool = False,
@@ -59,13 +63,14 @@ class Trainer:
         self.out = Path(config.output)
         self.reader = ShardReader(config.dataset)
         # Precomputed latents/text encodings: checked against the dataset and the checkpoint
-        # before any model loads. Models handed in were not loaded from `checkpoint`, so
-        # its encoders say nothing about them: encode in the step then.
+        # before any model loads. Models handed in whose VAE and text encoder did not come
+        # from `checkpoint` (Models.encoders_from) make them meaningless: encode in the step then.
         self.precomputed = None
-        if config.precomputed != "off" and models is None:
+        if config.precomputed != "off" and (models is None or _same_file(models.encoders_from, config.checkpoint)):
             self.precomputed = Precomputed.open(self.reader, config.checkpoint)
         elif config.precomputed != "off" and self.reader.location.exists("precomputed/manifest.json"):
-            log.info("the dataset's precomputed inputs are not used: these models were not loaded from `checkpoint`")
+            log.info("the dataset's precomputed inputs are not used: these models' encoders were not loaded "
+                     "from `checkpoint`")
         self.loader = BatchLoader(self.reader, config, self.precomputed)
         self.resolution = int(self.reader.index["resolution"])
         face = self.reader.index["face_encoder"]

@@ -15,10 +15,11 @@ from .images import comfy_to_uint8_list, to_uint8_rgb, uint8_to_comfy
 from .loader import DETECTORS, RECOGNIZERS, build_encoder, find_parsing_weights
 from .packs import find_packs, inspect_pack, load_pack, pack_folder
 from .runtime import PROVIDER_CHOICES
-from .types import EMBEDDING_FORMS, FACE_ORDERS, DetectedFace, Identity
+from .types import DEFAULT_DET_THRESHOLD, EMBEDDING_FORMS, FACE_ORDERS, DetectedFace, Identity
 
 __all__ = [
-    "ARCFACE_TEMPLATE", "Analysis", "COMBINE_MODES", "DETECTORS", "DetectedFace", "EMBEDDING_FORMS",
+    "ARCFACE_TEMPLATE", "Analysis", "COMBINE_MODES", "DEFAULT_DET_THRESHOLD", "DETECTORS", "DetectedFace",
+    "EMBEDDING_FORMS",
     "FACE_ORDERS", "FaceAnalysisError",
     "FaceEncoder", "Identity", "IdentityError", "IdentityFileError", "ImageResult", "MEAN_OF_NORMALISED",
     "NORMALISED_MEAN", "NO_FACE_ACTIONS", "NoFaceError", "PROVIDER_CHOICES", "PackError", "RECOGNIZERS",

@@ -14,7 +14,7 @@ from .identity import COMBINE_MODES, MEAN_OF_NORMALISED, build_identity, parse_w
 from .images import comfy_to_uint8_list, detection_view
 from .parsing import fallback_mask
 from .preview import draw_faces
-from .types import EMBEDDING_FORMS, FACE_ORDERS, DetectedFace, Identity, gender_word
+from .types import DEFAULT_DET_THRESHOLD, EMBEDDING_FORMS, FACE_ORDERS, DetectedFace, Identity, gender_word
 
 # Which face of a photo with several is used (face order conventions, see types.FACE_ORDERS):
 # the largest (InstantID, PuLID), the highest detection score (IPAdapter FaceID: insightface's
@@ -73,8 +73,8 @@ class FaceEncoder:
 
     @property
     def default_threshold(self) -> float:
-        """The detector's own default confidence (0.5 for a pack's SCRFD, as in insightface)."""
-        return float(getattr(self.detector, "default_threshold", 0.6))
+        """The detector's own default confidence (DEFAULT_DET_THRESHOLD unless it says otherwise)."""
+        return float(getattr(self.detector, "default_threshold", DEFAULT_DET_THRESHOLD))
 
     @property
     def truncates_pixels(self) -> bool:

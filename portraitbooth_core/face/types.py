@@ -11,6 +11,11 @@ import torch
 # corner, right mouth corner, "left" meaning the side with the smaller x in the image.
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
+# The detection confidence every node, command line and function defaults to: insightface's
+# FaceAnalysis default, which IPAdapter FaceID, InstantID and PuLID use, so that a photo yields
+# the same faces (for analysis, scoring and training crops) here as in those packs.
+DEFAULT_DET_THRESHOLD = 0.5
+
 
 @dataclass
 class DetectedFace:

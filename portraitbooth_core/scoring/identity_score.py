@@ -26,7 +26,7 @@ import torch
 
 from ..face.errors import IdentityError
 from ..face.images import to_uint8_rgb
-from ..face.types import DetectedFace, Identity
+from ..face.types import DEFAULT_DET_THRESHOLD, DetectedFace, Identity
 
 Reference = Identity | np.ndarray | torch.Tensor
 
@@ -125,7 +125,7 @@ def largest_face(faces: Sequence[DetectedFace]) -> int:
 class IdentityScorer:
     """Scores images against one or more reference identities with a FaceEncoder."""
 
-    def __init__(self, encoder, references: Sequence[Reference], det_threshold: float = 0.6):
+    def __init__(self, encoder, references: Sequence[Reference], det_threshold: float = DEFAULT_DET_THRESHOLD):
         self.encoder = encoder
         self.kind = encoder.recognizer.kind
         self.refs = reference_matrix(references, self.kind)

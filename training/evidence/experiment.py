@@ -22,6 +22,7 @@ WORLD_FIELDS = ("seed", "resolution", "identities", "train_per_identity", "held_
 
 def world_key(plan: Plan) -> str:
     fields = {k: getattr(plan, k) for k in WORLD_FIELDS}
+    fields["precomputed"] = True  # worlds written before the datasets carried precomputed inputs are rebuilt
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -48,9 +49,9 @@ class Experiment:
                                              self.recognizer)
         self.datasets = {"true": self.work / "data_true", "uninformative": self.work / "data_uninformative"}
         if not built:
-            dataset.write_dataset(samples, self.datasets["true"], self.recognizer_path, r)
+            dataset.write_dataset(samples, self.datasets["true"], self.recognizer_path, r, checkpoint=self.checkpoint)
             dataset.write_dataset(samples, self.datasets["uninformative"], self.recognizer_path, r,
-                                  dataset.uninformative_embeddings(samples, plan.seed + 3))
+                                  dataset.uninformative_embeddings(samples, plan.seed + 3), checkpoint=self.checkpoint)
             stamp.write_text(json.dumps({"key": world_key(plan)}))
         latent = (r // 8, r // 8)
         self.stea_batch = dataset.held_out_batch(self.held_out, list(plan.stea_timesteps), plan.seed + 4, latent)

@@ -92,7 +92,8 @@ def load_small_models(config, device: torch.device, base: Path | None = None):
         unet.load_state_dict(load_file(str(base)))
     loaded.base.diffusion_model = unet
     unet.requires_grad_(config.mode == "full")
-    return Models(loaded.patcher, loaded.base, unet, loaded.clip, loaded.vae, device, warm_start=warm)
+    return Models(loaded.patcher, loaded.base, unet, loaded.clip, loaded.vae, device, warm_start=warm,
+                  encoders_from=loaded.encoders_from)
 
 
 def ablation_settings(name: str, datasets: dict[str, Path]) -> dict:

@@ -129,7 +129,8 @@ class WarmStart:
         dataset.write_dataset(self.exp.samples, self.data_clip, self.exp.recognizer_path, self.plan.resolution,
                               embeddings=list(clip),
                               face_encoder={"kind": "clip_vision:vit-l-14", "dim": int(clip.shape[1]),
-                                            "feature": "image_embeds"})
+                                            "feature": "image_embeds"},
+                              checkpoint=self.exp.checkpoint)
         stamp.write_text(json.dumps({"clip_dim": int(clip.shape[1])}))
 
     def _clip_batches(self):
