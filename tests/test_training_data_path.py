@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from training_fixtures import *  # noqa: F401,F403
-from training_fixtures import edit_json, train_config
+from training_fixtures import edit_json, flip_image_byte, train_config
 
 LATENT_HW = (8, 8)
 
@@ -382,14 +382,7 @@ def test_a_precompute_older_than_the_dataset_or_of_another_model_is_refused(prec
         Trainer(train_config(data, tmp_path / "run"))
     (data / MANIFEST).write_text(manifest)
     # A sample whose image bytes changed in place (same size: the index cannot see it).
-    first = json.loads((data / "shard-00000.json").read_text())["samples"]
-    key = sorted(first)[0]
-    offset, size = first[key]["jpg"]
-    with open(data / "shard-00000.tar", "r+b") as f:
-        f.seek(offset + size // 2)
-        byte = f.read(1)
-        f.seek(offset + size // 2)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    key = flip_image_byte(data)
     t = Trainer(train_config(data, tmp_path / "run", num_workers=1))
     try:
         index = next(i for i in range(5) if t.reader.read(i)["__key__"].decode() == key)

@@ -16,7 +16,7 @@ import torch
 
 from build_standins import make_encoder, make_people, scale_settings
 from conftest import COMFY_DIR
-from training_fixtures import edit_json
+from training_fixtures import edit_json, flip_image_byte
 
 PEOPLE = 30
 SHARD_SIZE = 4  # several shards per part, and merged shards that take samples of both parts
@@ -188,14 +188,7 @@ def test_a_part_without_precomputed_inputs_merges_without_them_and_says_what_to_
     # A part whose sample changed in place after its precompute: its rows are stale, none carried.
     changed = tmp_path / "part1-changed"
     shutil.copytree(part1, changed)
-    first = json.loads((changed / "shard-00000.json").read_text())["samples"]
-    key = sorted(first)[0]
-    offset, size = first[key]["jpg"]
-    with open(changed / "shard-00000.tar", "r+b") as f:
-        f.seek(offset + size // 2)
-        byte = f.read(1)
-        f.seek(offset + size // 2)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_image_byte(changed)
     report = merge_parts(tmp_path / "m4", [part0, changed])["precomputed"]
     assert report["carried"] is False and not (tmp_path / "m4" / FOLDER).exists()
     assert "another version of sample" in report["message"] and str(changed) in report["message"]

@@ -102,6 +102,22 @@ def steps_with_identity_loss(config, steps: int, world: int = 1) -> list[bool]:
                 for p in micro_positions(step, micro, rank, config, world)) for step in range(steps)]
 
 
+def flip_image_byte(dataset: Path, shard: str = "shard-00000") -> str:
+    """Change one byte in the middle of the shard's first sample's image, in place (same size:
+    the index cannot see it); returns that sample's key."""
+    import json
+
+    samples = json.loads((dataset / f"{shard}.json").read_text())["samples"]
+    key = sorted(samples)[0]
+    offset, size = samples[key]["jpg"]
+    with open(dataset / f"{shard}.tar", "r+b") as f:
+        f.seek(offset + size // 2)
+        byte = f.read(1)
+        f.seek(offset + size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    return key
+
+
 def edit_json(path: Path, change) -> None:
     """Apply `change` to the JSON file at `path` in place (tests hand-edit dataset files)."""
     import json
