@@ -19,18 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-REPO = Path(__file__).resolve().parent.parent
-for extra in (REPO, REPO / "tests"):
-    if str(extra) not in sys.path:  # appended: ComfyUI's `nodes` must win over the pack's nodes/
-        sys.path.append(str(extra))
+if not __package__:  # run as `python benchmarks/<name>.py`: only benchmarks/ is on sys.path
+    import harness
+    harness.use_repo()
 
 PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg", "astronaut.png")
 PER_PERSON = 3
@@ -64,8 +61,9 @@ def recognizer_pack(full: bool) -> Path:
 
 
 def build_once(source: Path, workers: int, pack: Path, provider: str) -> float:
-    from training.build import BuildSettings, DatasetBuilder, EncoderSpec
-    from training.face_crops import CropSettings
+    from training.build.settings import BuildSettings, EncoderSpec
+    from training.build.builder import DatasetBuilder
+    from training.build.face_crops import CropSettings
 
     spec = EncoderSpec(kwargs={"pack_dir": str(pack), "detector": "retinaface", "recognizer": "arcface",
                                "provider": provider})
@@ -84,9 +82,9 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="more people, an R50-sized recognizer")
     parser.add_argument("--rounds", type=int, default=None)
     args = parser.parse_args()
-    from training.comfy_env import import_comfyui
+    from headless.comfyui import find_comfyui, import_comfyui
 
-    import_comfyui()
+    import_comfyui(cpu=None, path=find_comfyui())
     from benchmarks.harness import device_name, header
     from headless.comfyui import photos_dir
 

@@ -21,15 +21,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-REPO = Path(__file__).resolve().parent.parent
-for extra in (REPO, REPO / "tests"):
-    if str(extra) not in sys.path:  # appended: ComfyUI's `nodes` must win over the pack's nodes/
-        sys.path.append(str(extra))
+if not __package__:  # run as `python benchmarks/<name>.py`: only benchmarks/ is on sys.path
+    import harness
+    harness.use_repo()
 
 BATCH = 8
 
@@ -37,7 +34,7 @@ BATCH = 8
 def loader_rate(trainer, workers: int, batches: int, start_step: int) -> float:
     """Samples/s of a DataLoader with `workers` workers over `batches` micro-batches,
     after its first batch (worker start-up is paid once per run, not per step)."""
-    from training.data import MicroBatchSampler, make_loader
+    from training.run.data import MicroBatchSampler, make_loader
 
     config = trainer.config
     sampler = MicroBatchSampler(config, 0, 1, start_step, 0, start_step + batches + 1)
@@ -56,14 +53,14 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="full-size SD1.5 UNet, 512 px samples")
     parser.add_argument("--rounds", type=int, default=None)
     args = parser.parse_args()
-    from training.comfy_env import import_comfyui
+    from headless.comfyui import find_comfyui, import_comfyui
 
-    import_comfyui()
+    import_comfyui(cpu=None, path=find_comfyui())
     import torch
 
     from benchmarks.harness import device_name, header, timed
     from benchmarks.train_step import make_trainer, side_fn
-    from training.data import loader_workers
+    from training.run.data import loader_workers
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     trainer, resolution = make_trainer(args.full, micro_batch=BATCH, count=256 if args.full else 64)

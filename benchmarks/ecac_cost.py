@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # appended: ComfyUI's `nodes` must win over the pack's nodes/
-    sys.path.append(str(REPO))
+if not __package__:  # run as `python benchmarks/<name>.py`: only benchmarks/ is on sys.path
+    import harness
+    harness.use_repo()
 
 # SD1.5's UNet as comfy/model_detection.py describes it.
 SD15_FULL = dict(

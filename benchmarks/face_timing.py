@@ -14,15 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-REPO = Path(__file__).resolve().parent.parent
-# Appended: ComfyUI's `nodes` module must never be shadowed by the pack's nodes/ folder.
-sys.path += [p for p in (str(REPO), str(REPO / "tests")) if p not in sys.path]
+if not __package__:  # run as `python benchmarks/<name>.py`: only benchmarks/ is on sys.path
+    import harness
+    harness.use_repo()
 
 import numpy as np  # noqa: E402
 

@@ -13,9 +13,29 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def use_repo() -> Path:
+    """Make the repository's packages (benchmarks, headless, standins, ...) and the tests'
+    fixture modules importable; returns the repository root.
+
+    A benchmark run as `python benchmarks/<name>.py` has only benchmarks/ on sys.path, so
+    each one starts with
+        if not __package__:
+            import harness
+            harness.use_repo()
+    The folders are appended, never prepended: ComfyUI's own `nodes` module must win over
+    the pack's nodes/ folder.
+    """
+    for folder in (str(REPO), str(REPO / "tests")):
+        if folder not in sys.path:
+            sys.path.append(folder)
+    return REPO
 
 
 def device_name() -> str:

@@ -19,14 +19,12 @@ import argparse
 import dataclasses
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-for extra in (REPO, REPO / "tests"):
-    if str(extra) not in sys.path:  # appended: ComfyUI's `nodes` must win over the pack's nodes/
-        sys.path.append(str(extra))
+if not __package__:  # run as `python benchmarks/<name>.py`: only benchmarks/ is on sys.path
+    import harness
+    harness.use_repo()
 
 from benchmarks.train_standins import build_checkpoint, build_dataset, cache_dir  # noqa: E402
 
@@ -71,16 +69,16 @@ def main() -> None:
     if args.full:
         args.resolution, args.micro_batch = 512, 4
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from training.comfy_env import import_comfyui
+    from headless.comfyui import find_comfyui, import_comfyui
 
-    import_comfyui()
+    import_comfyui(cpu=None, path=find_comfyui())
     import torch
 
     from benchmarks.harness import compare, header
     from training.config import load_config
-    from training.distributed import Dist
-    from training.precompute import precompute
-    from training.trainer import Trainer
+    from training.run.distributed import Dist
+    from training.build.precompute import precompute
+    from training.run.trainer import Trainer
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

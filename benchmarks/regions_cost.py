@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # appended: ComfyUI's `nodes` must win over the pack's nodes/
-    sys.path.append(str(REPO))
+if not __package__:  # run as `python benchmarks/<name>.py`: only benchmarks/ is on sys.path
+    import harness
+    harness.use_repo()
 
 CLASS_POSITION = 5  # "a photo of a man": <start> a photo of a man -> man at 5
 

@@ -20,11 +20,11 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # appended: ComfyUI's `nodes` must win over the pack's nodes/
-    sys.path.append(str(REPO))
+if not __package__:  # run as `python benchmarks/<name>.py`: only benchmarks/ is on sys.path
+    import harness
+    harness.use_repo()
 
-from benchmarks.harness import compare, header  # noqa: E402
+from benchmarks.harness import REPO, compare, header  # noqa: E402
 from headless import comfyui as host  # noqa: E402
 
 import torch  # noqa: E402

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-for extra in (REPO, REPO / "tests"):
-    if str(extra) not in sys.path:  # appended: ComfyUI's `nodes` must win over the pack's nodes/
-        sys.path.append(str(extra))
+if not __package__:  # run as `python benchmarks/<name>.py`: only benchmarks/ is on sys.path
+    import harness
+    harness.use_repo()
 
 KL_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
@@ -56,8 +54,8 @@ def build_dataset(resolution: int, full: bool, count: int = 8) -> Path:
 
     from portraitbooth_core.face.align import ARCFACE_TEMPLATE
     from standins_face import build_arcface_onnx
-    from training.captions import TokenFinder
-    from training.shards import FORMAT, INDEX, ShardWriter, write_json_atomic
+    from training.build.captions import TokenFinder
+    from training.dataset.shards import FORMAT, INDEX, ShardWriter, write_json_atomic
 
     out = cache_dir() / (f"data_{resolution}" if count == 8 else f"data_{resolution}_{count}")
     recognizer = cache_dir() / ("r100_standin.onnx" if full else "small_standin.onnx")

@@ -23,12 +23,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-for extra in (REPO, REPO / "tests"):
-    if str(extra) not in sys.path:  # appended: ComfyUI's `nodes` must win over the pack's nodes/
-        sys.path.append(str(extra))
+if not __package__:  # run as `python benchmarks/<name>.py`: only benchmarks/ is on sys.path
+    import harness
+    harness.use_repo()
 
 from benchmarks.train_standins import build_checkpoint, build_dataset, cache_dir  # noqa: E402
 
@@ -37,8 +35,8 @@ def make_trainer(full: bool, micro_batch: int | None = None, count: int = 8):
     import torch
 
     from training.config import load_config
-    from training.distributed import Dist
-    from training.trainer import Trainer
+    from training.run.distributed import Dist
+    from training.run.trainer import Trainer
 
     resolution = 512 if full else 64
     cuda = torch.cuda.is_available()
@@ -63,7 +61,7 @@ def side_fn(trainer, side: str):
 
     import torch
 
-    from training.data import IDENTITY, TEXT_ONLY
+    from training.run.data import IDENTITY, TEXT_ONLY
 
     cfg = trainer.config
     n = cfg.micro_batch
@@ -131,9 +129,9 @@ def main() -> None:
     parser.add_argument("--memory-side", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from training.comfy_env import import_comfyui
+    from headless.comfyui import find_comfyui, import_comfyui
 
-    import_comfyui()
+    import_comfyui(cpu=None, path=find_comfyui())
     import torch
 
     if args.memory_side:

@@ -106,11 +106,17 @@ class ComfyClient:
         query = urllib.parse.urlencode({k: file.get(k, "") for k in ("filename", "subfolder", "type")})
         return self._request("GET", f"/view?{query}")
 
-    def upload_image(self, path: str | Path, name: str | None = None, overwrite: bool = True) -> str:
-        """Upload a file into ComfyUI's input folder; returns the name LoadImage takes."""
+    def upload_image(self, path: str | Path, name: str | None = None, overwrite: bool = True,
+                     subfolder: str = "") -> str:
+        """Upload a file into ComfyUI's input folder (into `subfolder` of it, made if missing);
+        returns the name LoadImage takes. Any file goes: POST /upload/image does not check
+        that it is an image."""
         path = Path(path)
         boundary = uuid.uuid4().hex
+        extra = [(f'--{boundary}\r\nContent-Disposition: form-data; name="subfolder"\r\n\r\n'
+                  f'{subfolder}\r\n').encode()] if subfolder else []
         parts = [
+            *extra,
             (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
              f'filename="{name or path.name}"\r\nContent-Type: application/octet-stream\r\n\r\n').encode()
             + path.read_bytes() + b"\r\n",

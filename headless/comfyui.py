@@ -24,6 +24,17 @@ def comfyui_dir() -> Path:
     return path.resolve()
 
 
+def find_comfyui() -> Path:
+    """The ComfyUI the command line works with: COMFYUI_PATH; else the ComfyUI this checkout
+    sits in (custom_nodes/<pack>/, a user's install); else the test host."""
+    if os.environ.get("COMFYUI_PATH"):
+        return comfyui_dir()
+    for parent in REPO.parents:
+        if (parent / "main.py").is_file() and (parent / "comfy").is_dir():
+            return parent
+    return comfyui_dir()
+
+
 def installed_pack_name(comfy: Path) -> str | None:
     """The name of the entry in `comfy`/custom_nodes that is this checkout, if any."""
     nodes = comfy / "custom_nodes"
@@ -37,12 +48,16 @@ def photos_dir() -> Path:
     return host_dir() / "cache" / "photos"
 
 
-def import_comfyui(cpu: bool = True) -> Path:
-    """Put ComfyUI on sys.path for in-process use; must run before comfy is imported.
+def import_comfyui(cpu: bool | None = True, path: Path | None = None) -> Path:
+    """Put ComfyUI (`path`, default comfyui_dir()) on sys.path for in-process use and return
+    its folder; when comfy is already imported, that one's folder.
 
-    `cpu` sets ComfyUI's --cpu flag, which model_management reads once at import.
+    `cpu` sets ComfyUI's --cpu flag, which model_management reads once at import; None
+    chooses it: --cpu unless torch sees a GPU (the command line and benchmarks).
     """
-    path = comfyui_dir()
+    if "comfy" in sys.modules and hasattr(sys.modules["comfy"], "__path__"):
+        return Path(next(iter(sys.modules["comfy"].__path__))).parent
+    path = Path(path) if path is not None else comfyui_dir()
     # ComfyUI first: its top-level `nodes` module and the pack's nodes/ folder share a name.
     if str(path) in sys.path:
         sys.path.remove(str(path))
@@ -52,6 +67,10 @@ def import_comfyui(cpu: bool = True) -> Path:
     import comfy.options
     comfy.options.enable_args_parsing(False)
     import comfy.cli_args
+    if cpu is None:
+        import torch
+
+        cpu = not torch.cuda.is_available()
     if cpu and "comfy.model_management" not in sys.modules:
         comfy.cli_args.args.cpu = True
     return path

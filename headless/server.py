@@ -1,6 +1,7 @@
 """Start a real ComfyUI on a free 127.0.0.1 port and stop it again, by its PID."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -26,8 +27,20 @@ class ServerStartError(RuntimeError):
     pass
 
 
+# Seeded into every server's own user folder. Without it the frontend (1.32) takes a new
+# user's first page load for a first start and opens its Templates browser over the canvas.
+FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True}
+
+
 class ComfyServer:
-    """A ComfyUI process with its own input/output folders and log.
+    """A ComfyUI process with its own state: input/, output/, temp/, user/ (settings seeded
+    with FRONTEND_SETTINGS) and its log, all in its work dir, so that it neither reads nor
+    writes what a person or an earlier server left in ComfyUI's own folders.
+
+    base_dir: a folder that stands in for ComfyUI's own as the root of models/ (ComfyUI's
+    --base-directory; its custom_nodes/ is made if missing, ComfyUI's own custom_nodes still
+    load). Tests give every server one session folder: what they build or write there never
+    lands in the host, and the host's models are not seen. None: ComfyUI's own models/.
 
     extra_model_paths: {folder kind: path} added through an extra_model_paths.yaml, so
     tests can point ComfyUI at stand-in models without touching the host's models/.
@@ -40,7 +53,8 @@ class ComfyServer:
     def __init__(self, workdir: str | os.PathLike | None = None, python: str | None = None,
                  extra_model_paths: dict[str, str] | None = None, env: dict | None = None,
                  cpu: bool = True, extra_args: list[str] | None = None,
-                 custom_node_dirs: list[str | os.PathLike] | None = None):
+                 custom_node_dirs: list[str | os.PathLike] | None = None,
+                 base_dir: str | os.PathLike | None = None):
         self.comfy = comfyui_dir()
         self.python = python or sys.executable
         # A work dir made here is this server's to delete on stop(); a caller's is left alone.
@@ -48,6 +62,9 @@ class ComfyServer:
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="pb-comfy-"))
         self.input_dir = self.workdir / "input"
         self.output_dir = self.workdir / "output"
+        self.temp_dir = self.workdir / "temp"  # ComfyUI appends "temp" to --temp-directory
+        self.user_dir = self.workdir / "user"
+        self.base_dir = Path(base_dir) if base_dir is not None else None
         self.log_path = self.workdir / "server.log"
         self.extra_model_paths = extra_model_paths or {}
         self.env = env or {}
@@ -75,16 +92,24 @@ class ComfyServer:
     def _start(self, timeout: float) -> ComfyClient:
         for d in (self.input_dir, self.output_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self._seed_user_dir()
         self.port = free_port()
         args = [self.python, str(self.comfy / "main.py"), "--listen", "127.0.0.1",
                 "--port", str(self.port), "--disable-auto-launch", "--disable-api-nodes",
                 "--database-url", "sqlite:///:memory:",
                 "--input-directory", str(self.input_dir),
                 "--output-directory", str(self.output_dir),
-                "--temp-directory", str(self.workdir), *self.extra_args]
+                "--temp-directory", str(self.workdir),
+                "--user-directory", str(self.user_dir), *self.extra_args]
         if self.cpu:
             args.append("--cpu")
         node_dirs = list(self.custom_node_dirs)
+        if self.base_dir is not None:
+            # ComfyUI lists <base>/custom_nodes and fails if it is missing; its own folder is
+            # no longer the default one then, so it is named here to load as before.
+            (self.base_dir / "custom_nodes").mkdir(parents=True, exist_ok=True)
+            args += ["--base-directory", str(self.base_dir)]
+            node_dirs.append(self.comfy / "custom_nodes")
         if installed_pack_name(self.comfy) is None:
             own = self.workdir / "custom_nodes"
             own.mkdir(exist_ok=True)
@@ -121,6 +146,14 @@ class ComfyServer:
         # start() stops the server (and may delete the log with the work dir): read the tail first.
         raise ServerStartError(f"ComfyUI did not answer within {timeout:.0f} s.\n"
                                f"--- server log tail ---\n{self.log_tail()}")
+
+    def _seed_user_dir(self) -> None:
+        """The frontend's settings for the default user, FRONTEND_SETTINGS over any kept ones
+        (a caller's work dir may hold a server's settings from before)."""
+        settings_path = self.user_dir / "default" / "comfy.settings.json"
+        settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+        settings_path.parent.mkdir(parents=True, exist_ok=True)
+        settings_path.write_text(json.dumps({**settings, **FRONTEND_SETTINGS}, indent=4))
 
     def log_tail(self, lines: int = 60) -> str:
         try:

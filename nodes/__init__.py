@@ -7,8 +7,10 @@ One module per node family, named after it; each exports `NODES`, the classes it
   stea           Load PortraitBooth Model, Apply STEA   ecac         ECAC Attention Patch, Attention Map Preview
   regions        PortraitBooth Region, Multi-Subject Region Sampler
   scoring        Identity Score                         dip_trainer  DIP Trainer
-`contracts` holds the socket types and the PortraitBooth entry of a CONDITIONING;
-`paths` the rule for which files a node may read or write.
+`contracts` holds the socket types, the file defaults that travel with the projector and
+the PortraitBooth entry of a CONDITIONING;
+`paths` the rule for which files a node may read or write and the check of every input;
+`base` CheckedNode, the base class that applies that check (queue time and execute).
 """
 from __future__ import annotations
 

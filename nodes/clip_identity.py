@@ -13,8 +13,8 @@ from portraitbooth_core.face import DEFAULT_DET_THRESHOLD, NoFaceError
 from portraitbooth_core.face.clip_image import CROP_MODES, clip_image_identity, fastcomposer_pixels, person_crop_box
 from portraitbooth_core.face.images import comfy_to_uint8_list
 
+from .base import CheckedNode
 from .contracts import FaceEmbedding, FaceEncoder
-from .paths import checked_inputs, validate_widget_inputs
 
 CATEGORY = "PortraitBooth/face"
 FULL, PERSON = CROP_MODES
@@ -36,7 +36,7 @@ def person_boxes(face_encoder, images, det_threshold: float) -> list[tuple[int, 
     return boxes
 
 
-class CLIPVisionIdentity(io.ComfyNode):
+class CLIPVisionIdentity(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -68,10 +68,7 @@ class CLIPVisionIdentity(io.ComfyNode):
                                                                      "read, one per photo.")],
         )
 
-    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
-
     @classmethod
-    @checked_inputs
     def execute(cls, clip_vision, images, crop, det_threshold, face_encoder=None) -> io.NodeOutput:
         if clip_vision is None or not hasattr(clip_vision, "encode_image"):
             raise TypeError("clip_vision: connect Load CLIP Vision (fastcomposer_clip_vit_l14.safetensors).")

@@ -1,4 +1,5 @@
-"""What the pack's nodes pass between each other: socket types, and the PortraitBooth
+"""What the pack's nodes pass between each other: socket types, the defaults a PortraitBooth
+file gives Apply STEA through Load PortraitBooth Model (`ModelDefaults`), and the PortraitBooth
 entry Apply STEA Conditioning writes into a CONDITIONING for ECAC and the region sampler.
 
 The entry is the only contract between those nodes: writers and readers go through
@@ -8,18 +9,50 @@ copies (ConditioningSetTimestepRange & co. copy the outer dict and keep ours as 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from comfy_api.latest import io
 
 from portraitbooth_core.vocabulary import DEFAULT_EMOTION_WORDS
+from portraitbooth_core.weights.file import PortraitBoothModel
+from portraitbooth_core.weights.meta import InferenceDefaults
 
 FaceEncoder = io.Custom("PB_FACE_ENCODER")   # portraitbooth_core.face.FaceEncoder
 FaceEmbedding = io.Custom("PB_FACE_EMBEDDING")  # portraitbooth_core.face.Identity
 Projector = io.Custom("PB_STEA_PROJECTOR")  # portraitbooth_core.weights.file.PortraitBoothModel
 
 STEA_KEY = "portraitbooth"  # key of the entry in a conditioning's extra dict
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a PortraitBooth file says its model was made for, passed with the projector from
+    Load PortraitBooth Model to Apply STEA (whose "from file" settings take these values).
+
+    file: the weight file's name, for messages; identity_kind: the embeddings its projector
+    reads (e.g. "clip_vision:vit-l-14"); inference: start_percent and CFG hint (None: not stored).
+    """
+    file: str
+    identity_kind: str
+    inference: InferenceDefaults
+
+    def describe(self) -> str:
+        """One line for the UI, e.g. "identity clip_vision:vit-l-14; start 0.30, CFG 5"."""
+        start, cfg = self.inference.start_percent, self.inference.cfg
+        return (f"identity {self.identity_kind}; "
+                + (f"start {start:.2f}" if start is not None else "no start stored (0.00, the paper's)")
+                + (f", CFG {cfg:g}" if cfg is not None else ""))
+
+
+def model_defaults(projector: PortraitBoothModel) -> ModelDefaults:
+    """The defaults a Projector socket carries (its file's metadata, checked when it loaded)."""
+    if not isinstance(projector, PortraitBoothModel):
+        raise TypeError(f"projector carries {type(projector).__name__}; connect the projector output of "
+                        f"Load PortraitBooth Model")
+    return ModelDefaults(file=os.path.basename(projector.path or "") or "the PortraitBooth file",
+                         identity_kind=projector.info.face_encoder.kind, inference=projector.info.inference)
 
 
 class ConditioningContractError(ValueError):

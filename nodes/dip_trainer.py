@@ -11,23 +11,35 @@ before training starts.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import folder_paths
 import torch
 from comfy_api.latest import io
 
-from .paths import (checked_choice, checked_inputs, checked_name, checked_path, checked_text, model_roots,
-                    validate_widget_inputs)
+from ..training.config import LIMITS, TrainConfig
+from .base import CheckedNode
+from .paths import checked_choice, checked_model_path, checked_name, checked_path, checked_text, model_roots
 from .stea import FOLDER
 
 CATEGORY = "PortraitBooth/training"
 RUNS = "portraitbooth_runs"
 PATH_SETTINGS = {"checkpoint", "dataset", "output", "recognizer", "export_name",
                  "init_unet", "stage0_teacher", "stage0_clip_vision"}  # warm start: the CLI's (no node input yet)
-MODES = ["lora", "full", "frozen"]
+# The training default first: a combo's first entry is what a new node shows.
+MODES = sorted(LIMITS["mode"].choices, key=lambda m: m != TrainConfig().mode)
+# Number widget -> the training setting it sets. Its min, max and default are that
+# setting's (training/config.py LIMITS, the one range every path checks), so the widget
+# cannot offer a value the training refuses, nor refuse one it accepts.
+WIDGET_SETTINGS = {"steps": "steps", "batch_size": "micro_batch", "grad_accum": "grad_accum",
+                   "learning_rate": "lr", "lora_rank": "lora_rank", "save_every": "save_every", "seed": "seed"}
+# A dataset's compact index (a derived cache, training/dataset/shard_index.py) is made here,
+# in ComfyUI's temp folder, never beside the dataset: a dataset under input/ is someone's
+# upload, and the trainer writes nothing into it.
+INDEX_CACHE = ("portraitbooth", "dataset-index")
 
 
-class DIPTrainer(io.ComfyNode):
+class DIPTrainer(CheckedNode):
     FILE_COMBOS = {"ckpt_name": ("checkpoints", "SD1.5 checkpoint (.safetensors)")}
 
     @classmethod
@@ -52,17 +64,17 @@ class DIPTrainer(io.ComfyNode):
                 io.String.Input("output_name", default="portraitbooth_trained",
                                 tooltip="Weight file name written to models/portraitbooth/ (.safetensors); a plain "
                                         "name, no folders."),
-                io.Combo.Input("mode", options=MODES, default="lora",
+                io.Combo.Input("mode", options=MODES, default=MODES[0],
                                tooltip="What trains beside the projector: LoRA adapters, the whole UNet, or nothing."),
-                io.Int.Input("steps", default=1000, min=1, max=1_000_000),
-                io.Int.Input("batch_size", default=1, min=1, max=64),
-                io.Int.Input("grad_accum", default=1, min=1, max=256),
-                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1e-2, step=1e-6,
-                               tooltip="0: the mode's default (lora and frozen 1e-4, full 1e-5 as in the paper). "
-                                       "Any other value is used as given."),
-                io.Int.Input("lora_rank", default=16, min=1, max=256),
-                io.Int.Input("save_every", default=100, min=1, max=100_000),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                _number("steps"),
+                _number("batch_size"),
+                _number("grad_accum"),
+                _number("learning_rate", step=1e-6,
+                        tooltip="0: the mode's default (lora and frozen 1e-4, full 1e-5 as in the paper). "
+                                "Any other value is used as given."),
+                _number("lora_rank"),
+                _number("save_every"),
+                _number("seed"),
                 io.Boolean.Input("gradient_checkpointing", default=True),
                 io.String.Input("recognizer", default="", optional=True,
                                 tooltip="ArcFace ONNX for the identity loss; empty: the dataset's recognizer, "
@@ -70,21 +82,25 @@ class DIPTrainer(io.ComfyNode):
                                         "recognizer is neither found nor given stops the node before training "
                                         "(or put id_weight=0 in extra_settings to train without it)."),
                 io.String.Input("extra_settings", default="", multiline=True, optional=True,
-                                tooltip="More settings, one key=value per line (see training/config.py). The node "
+                                tooltip="More settings, one key=value per line (see training/config.py; each is "
+                                        "checked against the same range as on the command line). The node "
                                         "loads data in its own process (num_workers=0); for a long run use the "
                                         "`python -m training train` command, whose loader uses worker processes."),
                 io.Boolean.Input("overwrite", default=False, optional=True,
-                                 tooltip="Replace an existing models/portraitbooth/<output_name>.safetensors. Off: "
-                                         "an existing file stops the node before training."),
+                                 tooltip="Replace an existing models/portraitbooth/<output_name>.safetensors, and "
+                                         "let this node change a run folder that is not simply its own run "
+                                         "continued: start the run over when it was trained with other settings "
+                                         "(deletes its checkpoints and logs), or take over a run another "
+                                         "output_name made (keep_last then prunes its checkpoints); the report "
+                                         "output says which. Off: each of these stops the node before training."),
             ],
-            outputs=[io.Image.Output(display_name="loss_curve"), io.String.Output(display_name="weight_file")],
+            outputs=[io.Image.Output(display_name="loss_curve"), io.String.Output(display_name="weight_file"),
+                     io.String.Output(display_name="report", tooltip="The run's step, and what overwrite did to "
+                                                                     "its run folder.")],
             is_output_node=True,
         )
 
-    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
-
     @classmethod
-    @checked_inputs
     def execute(cls, ckpt_name, dataset, run_name, output_name, mode, steps, batch_size, grad_accum,
                 learning_rate, lora_rank, save_every, seed, gradient_checkpointing, recognizer="",
                 extra_settings="", overwrite=False) -> io.NodeOutput:
@@ -116,38 +132,67 @@ class DIPTrainer(io.ComfyNode):
             # unless extra_settings asks for workers.
             "num_workers": 0,
         } | _overrides(extra_settings)
+        # Listed files and model folders may be links, but only into the allowed roots.
+        checked_model_path(settings["checkpoint"], "ckpt_name", ckpt_name)
+        checked_model_path(target, "output_name", f"{stem}.safetensors")
+        # Before the weight file's check: a run that overwrite would start over or take over
+        # is said first, so overwrite is not turned on for the file alone.
+        try:
+            start = api.check_resume(settings, owner=stem, overwrite=overwrite, node_words=True)
+        except api.ResumeError as exc:
+            raise api.ResumeError(f"run_name '{run}': {exc}") from None
         if os.path.lexists(target) and not overwrite:
             raise FileExistsError(
                 f"output_name: models/{FOLDER}/{stem}.safetensors already exists. Choose another output_name, or "
                 f"turn on overwrite to replace it.")
+        index_cache = os.path.join(folder_paths.get_temp_directory(), *INDEX_CACHE)
         try:
-            api.check_dataset(data)
+            api.check_dataset(data, index_cache=index_cache, precomputed=settings.get("precomputed") != "off")
         except (OSError, ValueError) as exc:  # the dataset's own files name things they may not
             raise _named(exc, "dataset") from None
-        try:
-            api.check_resume(settings)
-        except api.ResumeError as exc:
-            raise api.ResumeError(f"run_name '{run}': {exc}") from None
         roots = [os.path.join(p, "models") for p in model_roots("insightface")]
         try:
-            api.check_identity_loss(settings, roots, node=True)
+            found = api.check_identity_loss(settings, roots, node=True, index_cache=index_cache)
         except api.IdentityLossError as exc:
             raise api.IdentityLossError(f"recognizer: {exc}") from None
         except (OSError, ValueError) as exc:  # the dataset's index names a recognizer it may not
             raise _named(exc, "dataset") from None
+        if found is not None and not rec:  # the dataset's recognizer, found in a pack folder
+            checked_model_path(found, "recognizer", Path(found).name)
         mm.unload_all_models()  # training needs the whole device; ComfyUI reloads models later
         mm.soft_empty_cache()
         pbar = comfy.utils.ProgressBar(steps)
+
+        def on_step(step: int, total: int, _values: dict) -> None:
+            # ComfyUI's /interrupt stops the run here, within one step of being asked (the
+            # progress hook checks it too, but only where a server installed one).
+            mm.throw_exception_if_processing_interrupted()
+            pbar.update_absolute(step, total)
+
         try:
             result = api.run_training(settings, device=mm.get_torch_device(), export_to=target,
-                                      on_step=lambda step, total, _values: pbar.update_absolute(step, total),
-                                      recognizer_roots=roots, node_words=True)
+                                      on_step=on_step,
+                                      recognizer_roots=roots, node_words=True, owner=stem, overwrite=overwrite,
+                                      index_cache=index_cache)
         except api.IdentityLossError as exc:  # e.g. a given recognizer whose embeddings are not the dataset's
             raise api.IdentityLossError(f"recognizer: {exc}") from None
+        except api.ResumeError as exc:  # the run folder changed since check_resume
+            raise api.ResumeError(f"run_name '{run}': {exc}") from None
         finally:
             mm.soft_empty_cache()
         curve = torch.from_numpy(api.loss_curve(result)).float().div(255)[None]
-        return io.NodeOutput(curve, os.path.basename(str(result.weights)))
+        weights = os.path.basename(str(result.weights))
+        report = "\n".join([*result.notes, f"run_name '{run}': step {result.step} "
+                            f"({f'continued from step {start}' if start else 'new run'}); weight file {weights}"])
+        return io.NodeOutput(curve, weights, report, ui={"text": [report]})
+
+
+def _number(widget: str, **kwargs) -> io.Int.Input | io.Float.Input:
+    """The number widget of WIDGET_SETTINGS[widget]: min, max and default from that setting."""
+    setting = WIDGET_SETTINGS[widget]
+    limit, default = LIMITS[setting], getattr(TrainConfig(), setting)
+    kind = io.Float.Input if isinstance(default, float) else io.Int.Input
+    return kind(widget, default=default, min=limit.low, max=limit.high, **kwargs)
 
 
 def _named(exc: Exception, input_name: str) -> Exception:

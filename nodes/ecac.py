@@ -25,8 +25,8 @@ from portraitbooth_core.ecac.expression_words import TokenMatch, matches
 from portraitbooth_core.vocabulary import DEFAULT_CLASS_WORDS, expression_words
 from portraitbooth_core.ecac.layers import cross_attention_layers, install_on_layers, select_layers
 
+from .base import CheckedNode
 from .contracts import read_stea
-from .paths import checked_inputs, validate_widget_inputs
 
 log = logging.getLogger("portraitbooth")
 CATEGORY = "PortraitBooth/ecac"
@@ -92,7 +92,7 @@ def apply_ecac(model, identity: Sequence[int], expression: Sequence[int], labels
     return patched, store
 
 
-class ECACAttentionPatch(io.ComfyNode):
+class ECACAttentionPatch(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -135,10 +135,7 @@ class ECACAttentionPatch(io.ComfyNode):
             outputs=[io.Model.Output()],
         )
 
-    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
-
     @classmethod
-    @checked_inputs
     def execute(cls, model, clip, text, identity_words, strength, start_percent, end_percent, beta, gamma,
                 layers, capture_maps, face_mask=None, stea_conditioning=None) -> io.NodeOutput:
         if face_mask is not None:
@@ -185,7 +182,7 @@ def _label(images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
     return torch.stack(out).to(images.device)
 
 
-class AttentionMapPreview(io.ComfyNode):
+class AttentionMapPreview(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -202,10 +199,7 @@ class AttentionMapPreview(io.ComfyNode):
             outputs=[io.Image.Output(tooltip="One overlay per image and word, the word written on it.")],
         )
 
-    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
-
     @classmethod
-    @checked_inputs
     def execute(cls, model, image, opacity) -> io.NodeOutput:
         store = model.model_options.get(STORE_KEY)
         if store is None:

@@ -10,9 +10,11 @@ from comfy_api.latest import io
 from portraitbooth_core.face import (COMBINE_MODES, DEFAULT_DET_THRESHOLD, DETECTORS, EMBEDDING_FORMS,
                                      MEAN_OF_NORMALISED, NO_FACE_ACTIONS, PROVIDER_CHOICES, RECOGNIZERS, SELECT_RULES,
                                      PackError, build_encoder, find_packs, find_parsing_weights, uint8_to_comfy)
+from portraitbooth_core.face.packs import pack_onnx_files
 
+from .base import CheckedNode
 from .contracts import FaceEmbedding, FaceEncoder
-from .paths import checked_inputs, validate_widget_inputs
+from .paths import checked_model_path
 
 CATEGORY = "PortraitBooth/face"
 NO_PACK = "none (zero-download RetinaFace)"
@@ -27,7 +29,7 @@ def _packs() -> dict:
     return find_packs(folder_paths.get_folder_paths("insightface"))
 
 
-class LoadFaceEncoder(io.ComfyNode):
+class LoadFaceEncoder(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         roots = ", ".join(os.path.join(p, "models", "<pack>") for p in folder_paths.get_folder_paths("insightface"))
@@ -61,14 +63,11 @@ class LoadFaceEncoder(io.ComfyNode):
             outputs=[FaceEncoder.Output(display_name="face_encoder")],
         )
 
-    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
-
     @classmethod
-    @checked_inputs
     def execute(cls, pack, detector, recognizer, provider, det_size, mask_ears, mask_hair, mask_neck) -> io.NodeOutput:
         pack_dir = None
         if pack != NO_PACK:
-            # Only a pack of the list (checked_inputs refused any other value): the name is never
+            # Only a pack of the list (CheckedNode refused any other value): the name is never
             # turned into a path, so a graph cannot point this node at another folder or learn
             # whether one exists.
             packs = _packs()
@@ -76,15 +75,23 @@ class LoadFaceEncoder(io.ComfyNode):
                 raise PackError(f"pack: '{pack}' is no longer in the insightface folder (listed: "
                                 f"{', '.join([NO_PACK, *packs])}); refresh the node list and pick again.")
             pack_dir = packs[pack]
+            # Listed as found, refused here if the folder or one of its models links outside
+            # the allowed roots (paths.check_link_target): nothing of it is opened then.
+            checked_model_path(pack_dir, "pack", pack)
+            for onnx in pack_onnx_files(pack_dir):
+                checked_model_path(onnx, "pack", f"{pack}/{onnx.name}")
         folders = folder_paths.get_folder_paths("facexlib")
+        parsing = find_parsing_weights(folders)
+        if parsing is not None:
+            checked_model_path(parsing, "face parsing weights (facexlib folder)")
         encoder = build_encoder(pack_dir, detector, recognizer, provider, det_size,
-                                parsing_weights=find_parsing_weights(folders),
+                                parsing_weights=parsing,
                                 parsing_searched="searched " + ", ".join(folders),
                                 ears=mask_ears, hair=mask_hair, neck=mask_neck)
         return io.NodeOutput(encoder)
 
 
-class AnalyzeFaces(io.ComfyNode):
+class AnalyzeFaces(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -132,10 +139,7 @@ class AnalyzeFaces(io.ComfyNode):
             ],
         )
 
-    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
-
     @classmethod
-    @checked_inputs
     def execute(cls, face_encoder, images, select, face_index, on_no_face, det_threshold,
                 combine=MEAN_OF_NORMALISED, weights="", embedding=EMBEDDING_FORMS[0]) -> io.NodeOutput:
         analysis = face_encoder.analyze(images, select=select, face_index=face_index,

@@ -17,8 +17,9 @@ from portraitbooth_core.face import describe_identity_file, load_identity, mix_i
 from portraitbooth_core.face.identity_file import EXTENSION, IdentityFileError, identity_file_name
 from portraitbooth_core.paths import inside
 
+from .base import CheckedNode
 from .contracts import FaceEmbedding
-from .paths import checked_choice, checked_inputs, checked_name, validate_widget_inputs
+from .paths import checked_choice, checked_model_path, checked_name
 
 CATEGORY = "PortraitBooth/face"
 FOLDER = "portraitbooth_identities"
@@ -31,7 +32,7 @@ if isinstance(folder_paths.folder_names_and_paths[FOLDER][1], set):
     folder_paths.folder_names_and_paths[FOLDER][1].add(EXTENSION)
 
 
-class MixIdentities(io.ComfyNode):
+class MixIdentities(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -48,10 +49,7 @@ class MixIdentities(io.ComfyNode):
             outputs=[FaceEmbedding.Output(display_name="face_embedding")],
         )
 
-    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
-
     @classmethod
-    @checked_inputs
     def execute(cls, identity_a, identity_b, weight) -> io.NodeOutput:
         return io.NodeOutput(mix_identities(identity_a, identity_b, weight))
 
@@ -62,11 +60,13 @@ def _save_target(identity_name: str) -> str:
     stem = name[: -len(EXTENSION)] if name.endswith(EXTENSION) else name
     checked_name(stem, "identity_name")  # ".safetensors" alone would make a hidden file
     folder = folder_paths.get_folder_paths(FOLDER)[0]
-    # inside(): a symlink already lying under this name must not lead the write elsewhere
-    return str(inside(folder, identity_file_name(stem), "identity_name"))
+    # inside(): a symlink already lying under this name must not lead the write elsewhere;
+    # checked_model_path(): nor may a linked identities folder, unless into an allowed root
+    target = inside(folder, identity_file_name(stem), "identity_name")
+    return str(checked_model_path(target, "identity_name", identity_file_name(stem)))
 
 
-class SaveIdentity(io.ComfyNode):
+class SaveIdentity(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         folder = folder_paths.get_folder_paths(FOLDER)[0]
@@ -93,8 +93,6 @@ class SaveIdentity(io.ComfyNode):
             is_output_node=True,
         )
 
-    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
-
     @classmethod
     def fingerprint_inputs(cls, identity_name="", **_kwargs):
         # Re-run when the file changes or disappears, so a deleted file is written again.
@@ -105,7 +103,6 @@ class SaveIdentity(io.ComfyNode):
         return (stat.st_mtime_ns, stat.st_size)
 
     @classmethod
-    @checked_inputs
     def execute(cls, face_embedding, identity_name, overwrite, per_photo_embeddings) -> io.NodeOutput:
         target = _save_target(identity_name)
         try:
@@ -118,7 +115,7 @@ class SaveIdentity(io.ComfyNode):
         return io.NodeOutput(face_embedding, str(path), ui={"text": [text]})
 
 
-class LoadIdentity(io.ComfyNode):
+class LoadIdentity(CheckedNode):
     FILE_COMBOS = {"identity_name": (FOLDER, "identity .safetensors (written by Save Identity)")}
 
     @classmethod
@@ -137,8 +134,6 @@ class LoadIdentity(io.ComfyNode):
             outputs=[FaceEmbedding.Output(display_name="face_embedding"), io.String.Output(display_name="info")],
         )
 
-    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
-
     @classmethod
     def fingerprint_inputs(cls, identity_name="", **_kwargs):
         # A file overwritten under the same name must not be served from the cache.
@@ -152,13 +147,13 @@ class LoadIdentity(io.ComfyNode):
         return (identity_name, stat.st_mtime_ns, stat.st_size)
 
     @classmethod
-    @checked_inputs
     def execute(cls, identity_name) -> io.NodeOutput:
         name = checked_choice(identity_name, folder_paths.get_filename_list(FOLDER), "identity_name")
         path = folder_paths.get_full_path(FOLDER, name)
         if path is None:
             folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
             raise FileNotFoundError(f"identity_name: {name!r} is no longer in {folders}; refresh and pick again.")
+        checked_model_path(path, "identity_name", name)  # listed, but a link out of the allowed roots is refused
         try:
             identity = load_identity(path)
             info = describe_identity_file(path)

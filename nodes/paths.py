@@ -9,15 +9,17 @@ when starting ComfyUI: PORTRAITBOOTH_ALLOW_ANY_PATH=1. The rule itself lives in 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
-from portraitbooth_core.paths import (ALLOW_ENV, BadInputError, MissingChoiceError, PathNotAllowedError,
-                                      any_path_allowed, check_choice, check_file_name, check_text,
+from portraitbooth_core.paths import (ALLOW_ENV, LINKS_ENV, BadInputError, MissingChoiceError, PathNotAllowedError,
+                                      any_path_allowed, check_choice, check_file_name, check_link_target, check_text,
                                       check_under_roots)
 
-__all__ = ["ALLOW_ENV", "BadInputError", "MissingChoiceError", "PathNotAllowedError", "allowed_roots", "any_path_allowed",
-           "checked_choice", "checked_name", "checked_path", "checked_text", "model_roots"]
+__all__ = ["ALLOW_ENV", "LINKS_ENV", "BadInputError", "MissingChoiceError", "PathNotAllowedError", "allowed_roots",
+           "any_path_allowed", "checked_choice", "checked_model_path", "checked_name", "checked_path", "checked_text",
+           "model_roots"]
 
 
 def allowed_roots() -> list[Path]:
@@ -45,6 +47,13 @@ def checked_path(path: str, purpose: str) -> Path:
     input_dir = folder_paths.get_input_directory()
     return check_under_roots(path, allowed_roots(), purpose, relative_to=input_dir,
                              hint=f"Move it under {input_dir} (or output/models)")
+
+
+def checked_model_path(path: str | os.PathLike, input_name: str, shown: str | None = None) -> Path:
+    """The real path of a file or folder found in a model folder (a listed file, a pack, the
+    parsing weights), if its symlinks stay inside allowed_roots(): see
+    portraitbooth_core.paths.check_link_target. Call it right before opening the file."""
+    return check_link_target(path, allowed_roots(), input_name, shown)
 
 
 def checked_choice(value, options: Sequence, input_name: str):
@@ -93,6 +102,9 @@ def check_inputs(node_cls, values: dict) -> None:
             if isinstance(value, float) and not math.isfinite(value):
                 raise BadInputError(f"{spec.id}: {value} is not a finite number; give a value between "
                                     f"{spec.min} and {spec.max}.")
+            if isinstance(spec, io.Int.Input) and isinstance(value, float) and not value.is_integer():
+                raise BadInputError(f"{spec.id}: {value} is not a whole number; give one between {spec.min} and "
+                                    f"{spec.max}.")
             if (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max):
                 raise BadInputError(f"{spec.id}: {value} is outside {spec.min}..{spec.max}; give a value in "
                                     f"that range.")
@@ -111,6 +123,7 @@ def checked_inputs(execute):
         check_inputs(cls, {k: v for k, v in bound.arguments.items() if k != "cls"})
         return execute(cls, *args, **kwargs)
 
+    run.inputs_checked = True  # nodes.base.CheckedNode wraps an execute once
     return run
 
 

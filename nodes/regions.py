@@ -9,14 +9,14 @@ from comfy_api.latest import io
 
 from portraitbooth_core.regions.layout import Box
 
-from .paths import checked_inputs, validate_widget_inputs
+from .base import CheckedNode
 from .region_sampling import MODES, Region, check_same_base, sample_regions
 
 CATEGORY = "PortraitBooth/regions"
 Regions = io.Custom("PB_REGIONS")  # list[nodes.region_sampling.Region], in subject order
 
 
-class PortraitBoothRegion(io.ComfyNode):
+class PortraitBoothRegion(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -52,10 +52,7 @@ class PortraitBoothRegion(io.ComfyNode):
             outputs=[Regions.Output(display_name="REGIONS", tooltip="The region list, this subject last.")],
         )
 
-    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
-
     @classmethod
-    @checked_inputs
     def execute(cls, conditioning, weight, box_x, box_y, box_width, box_height, mask=None,
                 previous=None) -> io.NodeOutput:
         regions = list(previous or [])
@@ -72,7 +69,7 @@ class PortraitBoothRegion(io.ComfyNode):
         return io.NodeOutput([*regions, region])
 
 
-class MultiSubjectRegionSampler(io.ComfyNode):
+class MultiSubjectRegionSampler(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -112,10 +109,7 @@ class MultiSubjectRegionSampler(io.ComfyNode):
             outputs=[io.Latent.Output(display_name="LATENT")],
         )
 
-    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
-
     @classmethod
-    @checked_inputs
     def execute(cls, model, positive, negative, regions, latent_image, seed, steps, cfg, sampler_name,
                 scheduler, denoise, mode, feather=0.15) -> io.NodeOutput:
         return io.NodeOutput(sample_regions(model, positive, negative, list(regions or []), latent_image, seed,

@@ -10,13 +10,13 @@ from comfy_api.latest import io
 from portraitbooth_core.face.types import DEFAULT_DET_THRESHOLD
 from portraitbooth_core.scoring.identity_score import IdentityScorer, format_report, ranking
 
+from .base import CheckedNode
 from .contracts import FaceEmbedding, FaceEncoder
-from .paths import checked_inputs, validate_widget_inputs
 
 CATEGORY = "PortraitBooth/evaluate"
 
 
-class IdentityScore(io.ComfyNode):
+class IdentityScore(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -47,10 +47,7 @@ class IdentityScore(io.ComfyNode):
             ],
         )
 
-    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
-
     @classmethod
-    @checked_inputs
     def execute(cls, face_encoder, reference, images, sort, det_threshold, reference_2=None) -> io.NodeOutput:
         refs = [reference] if reference_2 is None else [reference, reference_2]
         scores = IdentityScorer(face_encoder, refs, det_threshold).score_images(images)

@@ -5,6 +5,7 @@ applied with ComfyUI's own LoRA machinery so it stacks with any other LoRA or pa
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import folder_paths
@@ -12,11 +13,14 @@ from comfy_api.latest import io
 
 from portraitbooth_core.weights.family import model_context_dim, require_sd15
 from portraitbooth_core.weights.file import PortraitBoothModel, load_portraitbooth
+from portraitbooth_core.weights.meta import FROM_FILE, check_schedule
 
-from .contracts import FaceEmbedding, Projector
-from .paths import checked_inputs, validate_widget_inputs
+from .base import CheckedNode
+from .contracts import FaceEmbedding, Projector, model_defaults
+from .paths import checked_model_path
 from .stea_encode import as_identities, encode_with_identity
 
+log = logging.getLogger("portraitbooth")
 CATEGORY = "PortraitBooth/identity"
 FOLDER = "portraitbooth"
 EXTRA_FACES = 3  # face_2 .. face_4: several subjects, one class word each
@@ -59,7 +63,7 @@ def apply_unet_patch(model, patch: dict, strength: float):
     return patched
 
 
-class LoadPortraitBoothModel(io.ComfyNode):
+class LoadPortraitBoothModel(CheckedNode):
     FILE_COMBOS = {"portraitbooth_name": (FOLDER, "PortraitBooth .safetensors")}
 
     @classmethod
@@ -70,7 +74,8 @@ class LoadPortraitBoothModel(io.ComfyNode):
             display_name="Load PortraitBooth Model",
             category=CATEGORY,
             description="Loads a PortraitBooth weight file: patches the UNet (as a LoRA) and "
-                        "outputs the STEA projector for Apply STEA Conditioning.",
+                        "outputs the STEA projector for Apply STEA Conditioning, with the settings the "
+                        "file stores (identity start, CFG hint, identity kind) for its 'from file' inputs.",
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.5 diffusion model; it is cloned, never modified."),
                 io.Combo.Input("portraitbooth_name", options=folder_paths.get_filename_list(FOLDER),
@@ -82,24 +87,25 @@ class LoadPortraitBoothModel(io.ComfyNode):
             outputs=[io.Model.Output(display_name="MODEL"), Projector.Output(display_name="projector")],
         )
 
-    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
-
     @classmethod
-    @checked_inputs
     def execute(cls, model, portraitbooth_name, strength) -> io.NodeOutput:
         path = folder_paths.get_full_path(FOLDER, portraitbooth_name) if portraitbooth_name else None
         if path is None:
             folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
             raise FileNotFoundError(f"PortraitBooth file {portraitbooth_name!r} not found; put PortraitBooth "
                                     f".safetensors files in {folders}.")
+        checked_model_path(path, "portraitbooth_name", portraitbooth_name)  # listed, but a link out is refused
         # Checked for projector-only files too: the projector's token is SD1.5's, and an SD2
         # MODEL would otherwise fail later in KSampler with a bare shape error.
         require_sd15(model_context_dim(model), "the MODEL input", "connect the MODEL of an SD1.5 checkpoint")
         pb = load_cached(path)
-        return io.NodeOutput(apply_unet_patch(model, pb.unet_patch, strength), pb)
+        # The defaults travel inside the projector output; shown here so a user sees what
+        # "from file" will mean before looking at Apply STEA.
+        text = f"{portraitbooth_name}: {model_defaults(pb).describe()}"
+        return io.NodeOutput(apply_unet_patch(model, pb.unet_patch, strength), pb, ui={"text": [text]})
 
 
-class ApplySTEAConditioning(io.ComfyNode):
+class ApplySTEAConditioning(CheckedNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         extra = [FaceEmbedding.Input(f"face_{n}", optional=True,
@@ -130,9 +136,12 @@ class ApplySTEAConditioning(io.ComfyNode):
                                      "k-th occurrence (e.g. 2 = the second 'man')."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.01,
                                tooltip="Identity strength: 0 gives exactly the plain text encoding."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                io.Float.Input("start_percent", default=FROM_FILE, min=FROM_FILE, max=1.0, step=0.001,
                                tooltip="Identity from this point of the schedule on; plain text before "
-                                       "(delaying it keeps the prompt's layout editable)."),
+                                       "(delaying it keeps the prompt's layout editable). -1 (any value "
+                                       "below 0): from the file, the start its PortraitBooth file stores "
+                                       "(FastComposer's: 0.3), or 0.0 (the paper's) if it stores none; the "
+                                       "node's text says which value it used."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Identity until this point of the schedule; plain text after."),
                 *extra,
@@ -140,17 +149,24 @@ class ApplySTEAConditioning(io.ComfyNode):
             outputs=[io.Conditioning.Output(display_name="CONDITIONING")],
         )
 
-    validate_inputs = classmethod(validate_widget_inputs)  # refuse bad values at queue time
-
     @classmethod
-    @checked_inputs
     def execute(cls, clip, projector, face, text, class_word, occurrence, strength, start_percent,
                 end_percent, face_2=None, face_3=None, face_4=None) -> io.NodeOutput:
-        if not isinstance(projector, PortraitBoothModel):
-            raise TypeError("projector must come from Load PortraitBooth Model")
+        defaults = model_defaults(projector)
+        start, origin = defaults.inference.start_percent_for(start_percent)
+        try:
+            check_schedule(start, end_percent, f" ({origin})")
+        except ValueError as exc:
+            raise ValueError(f"start_percent/end_percent: {exc}; raise end_percent or set start_percent below "
+                             f"it") from None
         faces = as_identities(face, face_2, face_3, face_4)
-        return io.NodeOutput(encode_with_identity(clip, text, faces, projector, class_word, occurrence,
-                                                  strength, start_percent, end_percent))
+        conditioning = encode_with_identity(clip, text, faces, projector, class_word, occurrence, strength, start,
+                                            end_percent)
+        used = f"identity from start {start:.2f} ({origin}) to end {end_percent:.2f}"
+        if defaults.inference.cfg is not None:
+            used += f"; {defaults.file} suggests CFG {defaults.inference.cfg:g} in the sampler"
+        log.info("PortraitBooth: Apply STEA Conditioning: %s", used)
+        return io.NodeOutput(conditioning, ui={"text": [used]})
 
 
 NODES = [LoadPortraitBoothModel, ApplySTEAConditioning]

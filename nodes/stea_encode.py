@@ -18,7 +18,7 @@ from portraitbooth_core.ecac.expression_words import matches
 from portraitbooth_core.face.types import Identity
 from portraitbooth_core.stea.projector import splice_identity
 from portraitbooth_core.weights.file import PortraitBoothModel
-from portraitbooth_core.weights.meta import check_embedding
+from portraitbooth_core.weights.meta import check_embedding, check_schedule
 from portraitbooth_core.vocabulary import SYNONYM_TO_CLASS, class_word_for, expression_words
 
 from .contracts import STEAEntry, write_stea
@@ -85,8 +85,7 @@ def encode_with_identity(clip, text: str, identities: Sequence[Identity], model:
     """
     if clip is None:
         raise RuntimeError("clip input is invalid: None (does the checkpoint contain a text encoder?)")
-    if not 0.0 <= start_percent < end_percent <= 1.0:
-        raise ValueError(f"need 0 <= start_percent < end_percent <= 1, got {start_percent} and {end_percent}")
+    check_schedule(start_percent, end_percent)
     info = model.info
     kinds = {f.kind for f in identities}
     if len(kinds) > 1:

@@ -10,6 +10,14 @@ submit to a shared ComfyUI server, so:
 - a file name a node writes is one plain component of sane length.
 A user who wants more opts in when starting ComfyUI: PORTRAITBOOTH_ALLOW_ANY_PATH=1.
 Errors never say whether an arbitrary path exists: the same message either way.
+
+Files and folders found in a model folder (a listed weight or identity file, a face pack,
+the parsing weights) are opened only if their symlinks lead into an allowed root too:
+people keep models on another disk and link them in, so a link into any folder ComfyUI
+knows is fine, a link anywhere else (models/x.safetensors -> /etc/passwd) is refused on use,
+with a message naming the listed name and never the target or its contents. The operator
+opts out with PORTRAITBOOTH_ALLOW_OUTSIDE_LINKS=1 (or PORTRAITBOOTH_ALLOW_ANY_PATH=1): a
+narrower switch, since it lets graphs open nothing but what the operator linked in.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable, Sequence
 
 ALLOW_ENV = "PORTRAITBOOTH_ALLOW_ANY_PATH"
+LINKS_ENV = "PORTRAITBOOTH_ALLOW_OUTSIDE_LINKS"
 MAX_NAME = 200  # characters of one file or folder name the pack writes (filesystems allow 255 bytes)
 
 
@@ -33,8 +42,36 @@ class MissingChoiceError(BadInputError, FileNotFoundError):
     """A combo value naming a file that is not among the listed model files."""
 
 
+def _switched_on(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
 def any_path_allowed() -> bool:
-    return os.environ.get(ALLOW_ENV, "").strip().lower() in ("1", "true", "yes")
+    return _switched_on(ALLOW_ENV)
+
+
+def outside_links_allowed() -> bool:
+    """Whether links in the model folders may lead anywhere (the operator's start-up choice)."""
+    return any_path_allowed() or _switched_on(LINKS_ENV)
+
+
+def check_link_target(path: str | os.PathLike, roots: Sequence[str | os.PathLike], what: str,
+                      shown: str | None = None) -> Path:
+    """The real path of `path`, a file or folder found in a model folder, if following its
+    symlinks (its own, or a linked folder above it) keeps it under one of `roots`, or the
+    operator opted in. `shown`: the name the user picked (default: the base name); the
+    message never names the link's target, which would tell a graph's author where it points."""
+    real = Path(path).resolve()
+    if outside_links_allowed() or is_within(real, [Path(r).resolve() for r in roots]):
+        return real
+    name = shown if shown is not None else Path(path).name
+    name = name if len(name) <= 120 else name[:117] + "..."
+    raise PathNotAllowedError(
+        f"{what}: '{name}' is a symbolic link (or lies in a linked folder) that leads outside ComfyUI's models, "
+        f"input and output folders and the model folders extra_model_paths.yaml adds, so PortraitBooth does not "
+        f"open it. Copy the file itself into the model folder, or register the folder the link points to in "
+        f"extra_model_paths.yaml, or start ComfyUI with the environment variable {LINKS_ENV}=1 to follow links "
+        f"anywhere.")
 
 
 def check_text(value: str, what: str) -> str:

@@ -134,8 +134,8 @@ def make_people(root: Path, count: int) -> Path:
 
 def scale_settings(**overrides):
     """The build settings of the scale tests: 32 px crops of the generated 40 px images."""
-    from training.build import BuildSettings
-    from training.face_crops import CropSettings
+    from training.build.settings import BuildSettings
+    from training.build.face_crops import CropSettings
 
     base = {"caption_template": "a photo of a {word}", "shard_size": 40}
     return BuildSettings(CropSettings(resolution=32, crop_scale=1.5, min_face=8), **{**base, **overrides})

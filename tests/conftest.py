@@ -2,11 +2,19 @@
 
 The host (ComfyUI + venv) comes from `bash scripts/setup_host.sh`, which the README's
 test command runs first; COMFYUI_PATH selects a user's own ComfyUI instead.
+
+A test run owns its state: ComfyUI in-process and every server see SESSION_BASE, a folder of
+this session, as ComfyUI's base (models/, input/, output/, temp/, user/), and each server
+keeps its own input/output/temp/user in its work dir. Nothing lands in the host's state
+folders, and nothing there (a user's settings, an earlier run's files) changes a result;
+test_host_state.py checks both.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 shared cores: oversubscription is 100x slower
@@ -19,13 +27,53 @@ sys.path.insert(0, str(REPO))
 from headless import comfyui as host  # noqa: E402
 from headless.server import ComfyServer  # noqa: E402
 
+# ComfyUI's folders that hold a user's state, not its code.
+HOST_STATE_FOLDERS = ("user", "models", "input", "output", "temp")
+
+
+def host_state(comfy: Path) -> dict[str, tuple]:
+    """{path: (kind, size, mtime_ns)} of every entry under `comfy`'s state folders, the
+    folders themselves included (a missing one maps to "missing"). Directory mtimes catch a
+    file written and deleted again; symlinks are recorded, not followed."""
+    state: dict[str, tuple] = {}
+    for name in HOST_STATE_FOLDERS:
+        root = comfy / name
+        if not os.path.lexists(root):
+            state[name] = ("missing",)
+            continue
+        for path in [root, *sorted(root.rglob("*"))]:
+            st = path.lstat()
+            kind = "link" if path.is_symlink() else "dir" if path.is_dir() else "file"
+            state[str(path.relative_to(comfy))] = (kind, st.st_size if kind == "file" else 0, st.st_mtime_ns)
+    return state
+
+
+# Taken before anything of ComfyUI is imported: test_host_state.py compares the end state.
+HOST_STATE_AT_START = host_state(host.comfyui_dir())
+
+SESSION_BASE = Path(tempfile.mkdtemp(prefix="pb-test-comfyui-"))
+MODELS_DIR = SESSION_BASE / "models"
 COMFY_DIR = host.import_comfyui(cpu=os.environ.get("PORTRAITBOOTH_TEST_GPU") != "1")
+import comfy.cli_args  # noqa: E402
+
+if "folder_paths" in sys.modules:  # it reads the base folder once, at import
+    raise RuntimeError("folder_paths was imported before tests/conftest.py could point it at the session's folder")
+comfy.cli_args.args.base_directory = str(SESSION_BASE)
 ARTIFACTS = REPO / "test-artifacts"
 TEST_CHECKPOINT = "portraitbooth_test_sd15.safetensors"
 
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Tests whose function has `runs_last = True` (the host state check) run after all others."""
+    items.sort(key=lambda item: getattr(getattr(item, "function", None), "runs_last", False))
+
+
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(SESSION_BASE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -45,10 +93,14 @@ def photos_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def sd15_checkpoint() -> str:
-    """Name of a random-weight SD1.5 checkpoint in ComfyUI's models/checkpoints/, built once."""
+    """Name of a random-weight SD1.5 checkpoint in the session's models/checkpoints/ (the
+    path: MODELS_DIR / "checkpoints" / name). Built once into the host's cache, where it is
+    rebuilt when its recipe changes, and copied: a test may not change the cached file."""
     from standins.sd15 import build_sd15_checkpoint
 
-    build_sd15_checkpoint(COMFY_DIR / "models" / "checkpoints" / TEST_CHECKPOINT)
+    cached = build_sd15_checkpoint(host.host_dir() / "cache" / "standins" / TEST_CHECKPOINT)
+    (MODELS_DIR / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cached, MODELS_DIR / "checkpoints" / TEST_CHECKPOINT)
     return TEST_CHECKPOINT
 
 
@@ -61,11 +113,12 @@ def tiny_model():
 
 
 def started_server(workdir: Path, **kwargs) -> ComfyServer:
-    """A running ComfyUI with the pack, or a test failure showing the server log's tail.
+    """A running ComfyUI with the pack on the session's models (SESSION_BASE), or a test
+    failure showing the server log's tail.
 
     The caller stops it (ComfyServer.stop ends its whole process group).
     """
-    server = ComfyServer(workdir, python=sys.executable, **kwargs)
+    server = ComfyServer(workdir, python=sys.executable, base_dir=SESSION_BASE, **kwargs)
     try:
         server.start()
     except Exception as exc:
@@ -144,7 +197,7 @@ def sd15_parts(sd15_checkpoint):
     """
     import comfy.sd
 
-    path = COMFY_DIR / "models" / "checkpoints" / sd15_checkpoint
+    path = MODELS_DIR / "checkpoints" / sd15_checkpoint
     model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
     return model, clip, vae
 
@@ -166,3 +219,26 @@ def models_server(tmp_path_factory, template_models):
     server = started_server(tmp_path_factory.mktemp("comfy-models"), extra_model_paths=template_models)
     yield server
     server.stop()
+
+
+def fresh_comfyui_copy(folder: Path) -> Path:
+    """A ComfyUI at `folder` as on a machine where it never ran: the host's code (linked,
+    except the two files that locate ComfyUI's folders by their own path) and none of its
+    state folders. Servers and commands started with COMFYUI_PATH=folder use it, so a test
+    can show what a first start does without touching the shared host."""
+    comfy = host.comfyui_dir()
+    folder.mkdir(parents=True)
+    for entry in comfy.iterdir():
+        if entry.name in HOST_STATE_FOLDERS or entry.name == "__pycache__":
+            continue
+        if entry.name in ("main.py", "folder_paths.py"):  # base folder = dirname(realpath(__file__))
+            shutil.copy2(entry, folder / entry.name)
+        else:
+            (folder / entry.name).symlink_to(entry)
+    return folder
+
+
+@pytest.fixture
+def fresh_comfyui(tmp_path) -> Path:
+    """A never-started ComfyUI sharing the host's code (see fresh_comfyui_copy)."""
+    return fresh_comfyui_copy(tmp_path / "fresh-comfyui")

@@ -20,23 +20,58 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+# The frontend's start-up is over once it has loaded its default workflow, or opened a dialog
+# instead (1.32 opens its Templates browser for a user it takes for new, on a blank graph).
+STARTED_JS = """() => window.LiteGraph && window.app && window.app.graph
+    && ((window.app.graph._nodes || window.app.graph.nodes).length > 0
+        || document.querySelector('.p-dialog') !== null)"""
+
+# Every dialog and toast on screen as [id, text]; ones on their way out (closing animation) are
+# gone. The id is stamped on the element when first seen: a dialog's text may change while it
+# is open (the Templates browser fills in), so text cannot tell an old alert from a new one.
+ALERTS_JS = """() => [...document.querySelectorAll('.p-dialog, .p-toast-message')]
+    .filter(e => ![...e.classList].some(c => c.endsWith('-leave-active') || c.endsWith('-leave-to')))
+    .map(e => [e.dataset.pbAlert ||= String(window.__pbAlerts = (window.__pbAlerts || 0) + 1), e.innerText.trim()])
+    .filter(([id, text]) => text)"""
+
+# What the frontend (1.32) heads its findings with when a workflow it loads has a problem:
+# unknown node types, models not found, links or fields that fail its checks, an exception.
+LOAD_PROBLEMS = ("missing nodes", "unsupported nodes", "missing models", "when loading the graph",
+                 "workflow validation", "invalid workflow", "loading aborted")
+
+
+def need_chromium() -> None:
+    """For a test: skip without Playwright, fail without Debian's chromium."""
+    import pytest
+
+    pytest.importorskip("playwright.sync_api")
+    if not shutil.which(CHROMIUM):
+        pytest.fail("Debian's chromium is missing: scripts/setup_host.sh installs it (needs root)")
+
+
 @contextlib.contextmanager
 def open_frontend(url: str, viewport=(1400, 900)):
-    """A Playwright page with the ComfyUI frontend loaded and its graph ready."""
+    """A Playwright page with the ComfyUI frontend loaded and its start-up over (STARTED_JS):
+    whatever it opens by itself is on screen by then, not in the middle of a test."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
-            page.page_errors = []
-            page.on("pageerror", lambda exc: page.page_errors.append(str(exc)))
-            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
-            page.wait_for_function("() => window.LiteGraph && window.app && window.app.graph",
-                                   timeout=90_000)
+            load_frontend(page, url)
             yield page
         finally:
             browser.close()
+
+
+def load_frontend(page, url: str) -> None:
+    """Open the frontend at `url` in `page` and wait until its start-up is over; the page's
+    JavaScript errors collect in page.page_errors."""
+    page.page_errors = []
+    page.on("pageerror", lambda exc: page.page_errors.append(str(exc)))
+    page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+    page.wait_for_function(STARTED_JS, timeout=90_000)
 
 
 def wait_for_node_types(page, node_ids: list[str], timeout_ms: int = 60_000) -> None:
@@ -123,11 +158,32 @@ def api_to_ui(page, api_graph: dict, name: str, note: str | None = None) -> dict
         "async () => JSON.stringify((await window.app.graphToPrompt()).workflow)"))
 
 
+def visible_alerts(page) -> list[str]:
+    """The text of each dialog and toast message on screen."""
+    return [text for _, text in page.evaluate(ALERTS_JS)]
+
+
 def load_ui_workflow(page, workflow: dict) -> dict:
-    """Load a UI-format workflow; report unknown node types and any alert it raised."""
+    """Load a UI-format workflow; report unknown node types and the alerts on screen after.
+
+    "alerts": what the load raised: dialogs and toasts that appeared while it loaded and speak
+    of it (name one of its node types or titles, the pack's among them, or say what the
+    frontend says of a workflow it finds wrong: LOAD_PROBLEMS). Not the pack's name alone: the
+    Templates browser shows it too. "other_alerts": the rest, which the workflow did not
+    cause: open before it loaded (a first-run dialog, say) or unrelated to it. A test that
+    wants a clean screen checks both, and says which is which."""
+    before = {alert_id for alert_id, _ in page.evaluate(ALERTS_JS)}
     page.evaluate("w => window.app.loadGraphData(JSON.parse(w))", json.dumps(workflow))
     page.wait_for_timeout(500)
-    alerts = page.locator(".p-toast-message, .p-dialog").all_inner_texts()
+    after = page.evaluate(ALERTS_JS)
+    raised = [text for alert_id, text in after if alert_id not in before]
+    names = {str(n.get(key)).lower() for n in workflow.get("nodes", []) for key in ("type", "title") if n.get(key)}
+    names.discard("note")  # a word too common to tell a workflow's alert by
+
+    def about_workflow(text: str) -> bool:
+        text = text.lower()
+        return any(word in text for word in (*names, *LOAD_PROBLEMS))
+
     result = page.evaluate("""() => {
         const known = window.LiteGraph.registered_node_types;
         const nodes = window.app.graph._nodes || window.app.graph.nodes;
@@ -135,7 +191,9 @@ def load_ui_workflow(page, workflow: dict) -> dict:
                 types: nodes.map(n => n.type),
                 unknown: nodes.filter(n => !(n.type in known) || n.has_errors).map(n => n.type)};
     }""")
-    result["alerts"] = [a for a in alerts if a.strip()]
+    result["alerts"] = [text for text in raised if about_workflow(text)]
+    result["other_alerts"] = [text for alert_id, text in after
+                              if alert_id in before or not about_workflow(text)]
     return result
 
 
@@ -231,7 +289,7 @@ def _open_checked(page, path: Path) -> None:
     workflow = json.loads(path.read_text())
     wait_for_node_types(page, sorted({n["type"] for n in workflow["nodes"] if n["type"] != "Note"}))
     loaded = load_ui_workflow(page, workflow)
-    problems = loaded["unknown"] + loaded["alerts"] + overlapping(node_boxes(page))
+    problems = loaded["unknown"] + loaded["alerts"] + loaded["other_alerts"] + overlapping(node_boxes(page))
     if problems:
         raise SystemExit(f"{path.name}: {problems}")
 
@@ -245,18 +303,19 @@ def make_pictures(repo: Path) -> list[Path]:
 
     from PIL import Image
 
-    from headless.comfyui import comfyui_dir, import_comfyui, photos_dir
+    from headless.comfyui import import_comfyui, photos_dir
     from headless.server import ComfyServer
     from standins.sd15 import build_sd15_checkpoint
     from standins.templates import build_template_models, standin_graph, template_photos
 
     import_comfyui(cpu=True)
-    checkpoint = "portraitbooth_test_sd15.safetensors"  # the tests' stand-in, built once
-    build_sd15_checkpoint(comfyui_dir() / "models" / "checkpoints" / checkpoint)
+    checkpoint = "portraitbooth_test_sd15.safetensors"  # the tests' stand-in
     out = repo / PICTURES
     written = []
     with tempfile.TemporaryDirectory(prefix="pb-pictures-") as tmp:
+        # Every model in the temp folder, none in the ComfyUI the server runs from.
         models = build_template_models(Path(tmp) / "models")
+        models["checkpoints"] = str(build_sd15_checkpoint(Path(tmp) / "models" / "checkpoints" / checkpoint).parent)
         with ComfyServer(Path(tmp) / "comfy", extra_model_paths=models) as server, \
                 open_frontend(server.url) as page:
             for path in sorted((repo / "workflows").glob("*.json")):

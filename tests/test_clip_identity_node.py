@@ -28,7 +28,7 @@ from portraitbooth_core.weights.meta import EmbeddingMismatchError  # noqa: E402
 from face_fixtures import zero_download_encoder  # noqa: E402,F401  (fixture)
 from stea_fixtures import identity as arcface_identity, write_model  # noqa: E402
 from standins.fastcomposer import build_fastcomposer_release  # noqa: E402
-from training import fastcomposer as fc  # noqa: E402
+from portraitbooth_core.weights.formats import fastcomposer as fc  # noqa: E402
 from training.__main__ import main as cli  # noqa: E402
 
 NODE = "PortraitBoothCLIPVisionIdentity"

@@ -52,7 +52,7 @@ def test_every_det_threshold_default_is_the_cores(pack_nodes):
     from portraitbooth_core.face.scrfd import SCRFDDetector
     from portraitbooth_core.scoring.identity_score import IdentityScorer
     from training.__main__ import parser
-    from training.face_crops import CropSettings
+    from training.build.face_crops import CropSettings
 
     functions = {
         "IdentityScorer": inspect.signature(IdentityScorer).parameters["det_threshold"].default,

@@ -21,6 +21,8 @@ from conftest import started_server
 from evaluation.__main__ import main
 from face_fixtures import read_photo, zero_download_encoder  # noqa: F401  (fixture)
 
+pytestmark = pytest.mark.slow  # own server and protocol runs: ~30 s
+
 WEIGHTS = "portraitbooth_eval_standin.safetensors"
 NO_PACK = "none (zero-download RetinaFace)"
 

@@ -1,4 +1,4 @@
-"""The small-scale evidence (training/evidence): its short run (one seed, the four
+"""The small-scale evidence (evidence/): its short run (one seed, the four
 Table-6 rows, ~7 minutes on two cores) must show each mechanism's effect with the
 stated margin, and the run without that mechanism must not. Then the synthetic world
 the measurements rest on: the hand-set VAE must be an exact pooling autoencoder through
@@ -21,11 +21,11 @@ from conftest import REPO
 
 @pytest.fixture(scope="module")
 def evidence(tmp_path_factory) -> dict[str, dict]:
-    """Metrics of the four runs of `python -m training.evidence --quick` (seed 0)."""
+    """Metrics of the four runs of `python -m evidence --quick` (seed 0)."""
     out = tmp_path_factory.mktemp("evidence")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Its own process group: on a timeout the worker processes go too, not only the parent.
-    proc = subprocess.Popen([sys.executable, "-m", "training.evidence", "--quick", "--jobs", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "evidence", "--quick", "--jobs", "2",
                              "--work", str(out / "work"), "--out", str(out)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -40,15 +40,17 @@ def evidence(tmp_path_factory) -> dict[str, dict]:
     return json.loads((out / "evidence.json").read_text())["results"]["0"]
 
 
+@pytest.mark.slow  # needs the evidence run (~8 min on 2 cores)
 def test_stea_carries_identity_and_fails_without_it(evidence):
-    from training.evidence import report
+    from evidence import report
 
     assert report.stea_check(evidence["full"]).passed, report.stea_check(evidence["full"])
     assert not report.stea_check(evidence["no_stea"]).passed, report.stea_check(evidence["no_stea"])
 
 
+@pytest.mark.slow  # needs the evidence run (~8 min on 2 cores)
 def test_ecac_places_attention_and_fails_without_it(evidence):
-    from training.evidence import report
+    from evidence import report
 
     assert report.ecac_check(evidence["full"]).passed, report.ecac_check(evidence["full"])
     assert not report.ecac_check(evidence["no_ecac"]).passed, report.ecac_check(evidence["no_ecac"])
@@ -58,8 +60,9 @@ def test_ecac_places_attention_and_fails_without_it(evidence):
     assert not report.ecac_floors_check(evidence["no_ecac"]).passed, report.ecac_floors_check(evidence["no_ecac"])
 
 
+@pytest.mark.slow  # needs the evidence run (~8 min on 2 cores)
 def test_dip_raises_identity_over_the_run_without_it(evidence):
-    from training.evidence import report
+    from evidence import report
 
     check = report.dip_check(evidence["full"], evidence["no_dip"])
     assert check.passed, check
@@ -67,8 +70,9 @@ def test_dip_raises_identity_over_the_run_without_it(evidence):
     assert not report.dip_check(evidence["no_dip"], evidence["no_dip"]).passed
 
 
+@pytest.mark.slow  # needs the evidence run (~8 min on 2 cores)
 def test_every_ablation_lowers_its_own_metric_as_in_the_paper(evidence):
-    from training.evidence import report
+    from evidence import report
 
     assert report.directions(evidence) == {"no_stea": True, "no_ecac": True, "no_dip": True}
 
@@ -76,7 +80,7 @@ def test_every_ablation_lowers_its_own_metric_as_in_the_paper(evidence):
 def test_pooling_vae_encodes_8x_means_and_decodes_them_back():
     import comfy.taesd.taesd as taesd
 
-    from training.evidence import world
+    from evidence import world
 
     vae = taesd.TAESD()
     vae.load_state_dict(world.pooling_taesd_state_dict())
@@ -95,7 +99,7 @@ def test_pooling_vae_encodes_8x_means_and_decodes_them_back():
 def test_recognizer_tells_identities_apart(tmp_path):
     from portraitbooth_core.face.align import align_face
 
-    from training.evidence import dataset, world
+    from evidence import dataset, world
 
     recognizer = dataset.Recognizer(world.build_recognizer_onnx(tmp_path / "rec.onnx"))
     identities = world.make_identities(8, 0)
@@ -118,7 +122,7 @@ def test_recognizer_tells_identities_apart(tmp_path):
 
 
 def test_uninformative_embeddings_do_not_name_the_identity(tmp_path):
-    from training.evidence import dataset, world
+    from evidence import dataset, world
 
     recognizer = dataset.Recognizer(world.build_recognizer_onnx(tmp_path / "rec.onnx"))
     samples = dataset.make_samples(world.make_identities(4, 0), 8, 64, 1, recognizer)
@@ -132,7 +136,7 @@ def test_uninformative_embeddings_do_not_name_the_identity(tmp_path):
 
 
 def test_report_shows_each_row_as_mean_and_range_over_seeds():
-    from training.evidence import report
+    from evidence import report
 
     def metrics(margin, conc):
         return {"stea": {"margin": margin}, "ecac": {"identity_concentration": conc, "expression_mean_in_mask": 0.05,

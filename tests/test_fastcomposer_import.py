@@ -25,7 +25,7 @@ from portraitbooth_core.face.clip_image import (  # noqa: E402
 from portraitbooth_core.stea.projector import splice_identity  # noqa: E402
 from portraitbooth_core.weights.file import load_portraitbooth  # noqa: E402
 from portraitbooth_core.weights.meta import EmbeddingMismatchError, check_embedding  # noqa: E402
-from training import fastcomposer as fc  # noqa: E402
+from portraitbooth_core.weights.formats import fastcomposer as fc  # noqa: E402
 from training.__main__ import main as cli  # noqa: E402
 from standins.fastcomposer import POSTFUSE_SHAPES, TINY_TEXT, TINY_UNET, TINY_VAE, VISION  # noqa: E402
 
@@ -134,7 +134,7 @@ def test_cli_never_overwrites_without_flag(release, imported, capsys):
     assert cli(["import-fastcomposer", str(release["path"]), "--models", str(imported), "--overwrite"]) == 0
     out = capsys.readouterr().out
     for node in ("Load Diffusion Model", "Load CLIP Vision", "Load PortraitBooth Model", "Apply STEA Conditioning",
-                 "start_percent 0.3"):
+                 "start_percent at -1 (from the file: 0.3"):
         assert node in out
     assert all(outputs[k].stat().st_mtime_ns >= before[k] for k in outputs)
 
@@ -434,6 +434,7 @@ def test_safetensors_input_and_dtype_option(release, tmp_path):
         fc.load_release(tmp_path / "cut.safetensors")
 
 
+@pytest.mark.slow  # full-size ViT-L/14: ~15 s
 def test_full_size_clip_vision_through_comfyui_loader(tmp_path):
     """At ViT-L/14 size the written file goes through ComfyUI's own Load CLIP Vision path
     (comfy.clip_vision.load: layout detection picks its ViT-L/14 config) and gives

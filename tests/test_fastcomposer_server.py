@@ -9,6 +9,7 @@ a CPU). The UNet is small, the sizes and step counts tiny. The photos are real.
 from __future__ import annotations
 
 import io
+import re
 import shutil
 
 import numpy as np
@@ -20,7 +21,10 @@ import transformers  # noqa: E402,F401
 
 from headless.client import ComfyError  # noqa: E402
 from headless.workflows import load_api_workflow, with_inputs  # noqa: E402
+from portraitbooth_core.weights.meta import FROM_FILE  # noqa: E402
 from standins.templates import ARCFACE_FILE, ARCFACE_KIND  # noqa: E402
+
+pytestmark = pytest.mark.slow  # FastComposer stand-in import and its workflows: ~1 min
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +63,58 @@ def portrait(server, photo, checkpoint, **changes) -> np.ndarray:
 
 
 def test_template_defaults_are_fastcomposers():
+    # The identity's start is not written into the templates: Apply STEA takes the file's
+    # (0.3, see test_file_default_start_reaches_a_fresh_apply_stea).
     graph = load_api_workflow("portraitbooth_fastcomposer_single_subject")
-    assert graph["7"]["inputs"]["start_percent"] == pytest.approx(0.3)
+    assert graph["7"]["inputs"]["start_percent"] == FROM_FILE
     sampler = graph["10"]["inputs"]
     assert (sampler["sampler_name"], sampler["steps"], sampler["cfg"]) == ("euler", 50, 5.0)
     two = load_api_workflow("portraitbooth_fastcomposer_two_subjects")
-    assert {two[n]["inputs"]["start_percent"] for n in ("9", "10", "11")} == {0.3}
+    assert {two[n]["inputs"]["start_percent"] for n in ("9", "10", "11")} == {FROM_FILE}
     assert (two["16"]["inputs"]["steps"], two["16"]["inputs"]["cfg"]) == (50, 5.0)
+
+
+def _portrait_and_conditioning(server, photo, checkpoint, start_percent) -> tuple[np.ndarray, str, str]:
+    """The single-subject template at `start_percent`, with Preview as Text showing the
+    CONDITIONING Apply STEA hands the sampler: (image, Apply STEA's text, the conditioning's text)."""
+    graph = with_inputs(load_api_workflow("portraitbooth_fastcomposer_single_subject"), {
+        "1": {"ckpt_name": checkpoint}, "5": {"image": photo}, "7": {"start_percent": start_percent},
+        "9": {"width": 64, "height": 64}, "10": {"seed": 3, "steps": 3},
+    })
+    graph["20"] = {"class_type": "PreviewAny", "inputs": {"source": ["7", 0]}}
+    result = server.client.run(graph, timeout=600)
+    (used,), (conditioning,) = result.texts("7"), result.texts("20")
+    return _image(server, result, "12"), used, conditioning
+
+
+def _ranges(conditioning_text: str) -> list[tuple[float, float]]:
+    """(start_percent, end_percent) of each conditioning entry that has a range, as ComfyUI holds it."""
+    return sorted((float(a), float(b)) for a, b in
+                  re.findall(r"'start_percent': ([0-9.]+), 'end_percent': ([0-9.]+)", conditioning_text))
+
+
+def test_file_default_start_reaches_a_fresh_apply_stea(server, photos, sd15_checkpoint):
+    """FastComposer's importer stores start 0.3 in the projector file; an Apply STEA left at what
+    a fresh node gets must sample with it: the conditioning ComfyUI sees has plain text before
+    0.3 and the identity after, the node says where the value came from, and the image is the
+    one an explicit 0.3 gives. A value set on the node (0.0, as older saved graphs hold) wins."""
+    spec = server.client.object_info("PortraitBoothApplySTEA")["PortraitBoothApplySTEA"]["input"]["required"]
+    fresh = spec["start_percent"][1]["default"]
+    assert fresh == FROM_FILE and "from the file" in spec["start_percent"][1]["tooltip"]
+
+    image, used, conditioning = _portrait_and_conditioning(server, photos["obama"], sd15_checkpoint, fresh)
+    assert used == ("identity from start 0.30 (from the file) to end 1.00; fastcomposer_postfuse.safetensors "
+                    "suggests CFG 5 in the sampler"), used
+    assert _ranges(conditioning) == [(0.0, 0.3), (0.3, 1.0)], conditioning[:2000]
+
+    explicit, used, conditioning = _portrait_and_conditioning(server, photos["obama"], sd15_checkpoint, 0.3)
+    assert used.startswith("identity from start 0.30 (set on the node)"), used
+    assert np.array_equal(explicit, image), "start from the file must sample exactly like an explicit 0.3"
+
+    early, used, conditioning = _portrait_and_conditioning(server, photos["obama"], sd15_checkpoint, 0.0)
+    assert used.startswith("identity from start 0.00 (set on the node)"), used
+    assert _ranges(conditioning) == [], conditioning[:2000]  # identity over the whole schedule: no range
+    assert not np.array_equal(early, image)
 
 
 def test_single_subject_template_follows_the_face(server, photos, sd15_checkpoint):
@@ -73,7 +122,7 @@ def test_single_subject_template_follows_the_face(server, photos, sd15_checkpoin
     assert first.shape == (64, 64, 3) and first.std() > 0
     assert np.array_equal(portrait(server, photos["obama_again"], sd15_checkpoint), first), \
         "same face, same seed: same image"
-    # At the template's start_percent 0.3 the face only steers the last steps, which move a
+    # At the file's start 0.3 (the template takes it) the face only steers the last steps, which move a
     # random-weight UNet little (measured: mean |diff| ~0.02 levels at 3 steps), but it must
     # reach the image; from the first step on the change is large (measured ~0.8).
     other = portrait(server, photos["biden"], sd15_checkpoint)

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from headless.client import ComfyError
@@ -61,6 +61,7 @@ def test_a_rejected_graph_names_the_node_and_the_problem(comfy):
         raise AssertionError("ComfyUI accepted a graph naming a missing checkpoint")
 
 
+@pytest.mark.slow  # own server: ~12 s
 def test_pack_loads_without_onnxruntime_and_the_face_node_names_it(start_server, tmp_path, pack_nodes):
     # A sitecustomize on PYTHONPATH hides onnxruntime exactly as an uninstalled one would.
     blocker = tmp_path / "blocked"

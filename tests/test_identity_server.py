@@ -21,6 +21,8 @@ from headless.workflows import load_api_workflow, with_inputs
 from conftest import started_server
 from face_fixtures import insightface_root  # noqa: F401  (fixture)
 
+pytestmark = pytest.mark.slow  # own server with an insightface pack: ~25 s
+
 PACK = "standin_r50"
 WEIGHTS = "portraitbooth_standin.safetensors"
 

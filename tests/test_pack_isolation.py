@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import COMFY_DIR, REPO, TEST_CHECKPOINT
+import pytest
+
+from conftest import COMFY_DIR, MODELS_DIR, REPO, SESSION_BASE, TEST_CHECKPOINT
 from training_fixtures import *  # noqa: F401,F403
 
-GENERIC = ("training", "evaluation", "headless", "standins", "benchmarks", "comfy_host")
+GENERIC = ("training", "evaluation", "evidence", "headless", "standins", "benchmarks", "comfy_host")
 
 
 def run_python(code: str, cwd: Path, path: list[str]) -> dict:
@@ -50,6 +52,7 @@ import importlib.util, json, sys
 sys.path.insert(0, {str(COMFY_DIR)!r})
 import comfy.options; comfy.options.enable_args_parsing(False)
 import comfy.cli_args; comfy.cli_args.args.cpu = True
+comfy.cli_args.args.base_directory = {str(SESSION_BASE)!r}  # not the host's folders
 before = list(sys.path)
 name = {str(REPO).replace(".", "_x_")!r}
 spec = importlib.util.spec_from_file_location(name, {str(REPO / "__init__.py")!r})
@@ -100,6 +103,7 @@ async def comfy_entrypoint():
 '''
 
 
+@pytest.mark.slow  # own server: ~13 s
 def test_a_second_pack_with_its_own_training_and_evaluation_modules_works_beside_ours(
         start_server, dataset_dir, sd15_checkpoint, tmp_path):
     folder = tmp_path / "other_packs"
@@ -115,7 +119,7 @@ def test_a_second_pack_with_its_own_training_and_evaluation_modules_works_beside
 
     shutil.copytree(dataset_dir, server.input_dir / "faces")
     name = f"isolation_{os.getpid()}"
-    target = COMFY_DIR / "models" / "portraitbooth" / f"{name}.safetensors"
+    target = MODELS_DIR / "portraitbooth" / f"{name}.safetensors"
     graph = {
         "1": {"class_type": "FakePackProbe", "inputs": {"seed": 1}},
         "2": {"class_type": "PortraitBoothDIPTrainer", "inputs": {

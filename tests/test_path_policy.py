@@ -56,7 +56,7 @@ def test_core_rule_refuses_traversal_absolute_symlinks_nul_and_overlong(tmp_path
 
 def test_dataset_shard_names_that_leave_the_dataset_are_refused(dataset_copy, tmp_path):
     from portraitbooth_core.paths import PathNotAllowedError
-    from training.shards import ShardReader
+    from training.dataset.shards import ShardReader
 
     assert len(ShardReader(dataset_copy)) > 0
     original = (dataset_copy / "index.json").read_text()
@@ -87,7 +87,7 @@ def test_dataset_shard_names_that_leave_the_dataset_are_refused(dataset_copy, tm
 
 def test_datasets_name_the_recognizer_by_pack_and_file_not_by_absolute_path(dataset_copy, recognizer_pack):
     from portraitbooth_core.paths import BadInputError, PathNotAllowedError
-    from training.shards import recorded_recognizer
+    from training.dataset.shards import recorded_recognizer
 
     index = json.loads((dataset_copy / "index.json").read_text())
     face = index["face_encoder"]
@@ -109,7 +109,7 @@ def test_datasets_name_the_recognizer_by_pack_and_file_not_by_absolute_path(data
 def test_trainer_run_by_a_node_never_opens_a_recorded_absolute_recognizer(dataset_copy, tmp_path, monkeypatch):
     """The node passes its roots: an index.json naming /etc/passwd as recognizer gets no L_id,
     and /etc/passwd is not opened."""
-    from training import trainer as trainer_module
+    from training.run import trainer as trainer_module
 
     opened = []
     monkeypatch.setattr(trainer_module, "TorchArcFace", lambda path, *a: opened.append(path))

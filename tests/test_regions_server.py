@@ -18,6 +18,8 @@ from standins.sd15 import build_portraitbooth_file
 from headless.workflows import load_api_workflow, with_inputs
 from conftest import started_server
 
+pytestmark = pytest.mark.slow  # own server, two-subject generations: ~15 s
+
 WEIGHTS = "portraitbooth_regions_standin.safetensors"
 
 

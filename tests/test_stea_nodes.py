@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stea_fixtures import lora_patch, write_model
-from portraitbooth_core.weights.file import PortraitBoothModel
+from stea_fixtures import identity, lora_patch, write_model
+from portraitbooth_core.weights.file import PortraitBoothModel, load_portraitbooth
+from portraitbooth_core.weights.meta import FROM_FILE, CorruptWeightFileError
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +18,8 @@ def pb_folder(tmp_path_factory, pack_nodes):
     folder_paths.add_model_folder_path("portraitbooth", str(folder))
     write_model(folder / "pb_patch.safetensors", patch=lora_patch(0))
     write_model(folder / "pb_text_only.safetensors")
+    # What FastComposer's importer stores: delayed identity and its CFG.
+    write_model(folder / "pb_delayed.safetensors", defaults={"start_percent": 0.3, "cfg": 5.0})
     return folder
 
 
@@ -112,3 +115,67 @@ def test_projector_only_file_on_a_non_sd15_model_is_refused_at_load(tiny_model, 
         load(sd2, "pb_patch.safetensors")
     patched, _ = load(tiny_model, "pb_text_only.safetensors")
     assert patched is tiny_model
+
+
+# File defaults reach Apply STEA: start_percent below 0 (the node's default) takes the file's start.
+
+def _schema_input(pack_nodes, node_id, name):
+    return next(i for i in pack_nodes[node_id].define_schema().inputs if i.id == name)
+
+
+def _apply(pack_nodes, clip, projector, start_percent, end_percent=1.0):
+    """(conditioning ranges sorted, the node's UI text) of Apply STEA with one face."""
+    out = pack_nodes["PortraitBoothApplySTEA"].execute(clip, projector, identity(1), "a photo of a man", "", 0, 1.0,
+                                                       start_percent, end_percent)
+    (cond,) = out.args
+    ranges = sorted((e.get("start_percent", 0.0), e.get("end_percent", 1.0), "portraitbooth" in e) for _c, e in cond)
+    (text,) = out.ui["text"]
+    return ranges, text
+
+
+def test_a_fresh_apply_stea_takes_its_start_from_the_file(pack_nodes):
+    spec = _schema_input(pack_nodes, "PortraitBoothApplySTEA", "start_percent")
+    assert spec.default == spec.min == FROM_FILE == -1.0 and spec.max == 1.0
+    assert "from the file" in spec.tooltip and "0.0 (the paper's)" in spec.tooltip
+
+
+def test_file_defaults_reach_apply_stea(pack_nodes, pb_folder, tiny_model, sd15_parts):
+    clip = sd15_parts[1]
+    load = pack_nodes["PortraitBoothLoadModel"]
+    loaded = load.execute(tiny_model, "pb_delayed.safetensors", 1.0)
+    projector = loaded.args[1]
+    assert loaded.ui["text"] == ["pb_delayed.safetensors: identity arcface:standin/w600k_r50.onnx; start 0.30, CFG 5"]
+
+    ranges, text = _apply(pack_nodes, clip, projector, FROM_FILE)
+    assert ranges == [(0.0, 0.3, False), (0.3, 1.0, True)]
+    assert text == ("identity from start 0.30 (from the file) to end 1.00; pb_delayed.safetensors suggests CFG 5 "
+                    "in the sampler")
+    assert _apply(pack_nodes, clip, projector, -0.25)[0] == ranges  # any value below 0 means "from the file"
+    # A saved workflow's explicit value is kept, 0.0 included.
+    ranges, text = _apply(pack_nodes, clip, projector, 0.0)
+    assert ranges == [(0.0, 1.0, True)] and text.startswith("identity from start 0.00 (set on the node)")
+    assert _apply(pack_nodes, clip, projector, 0.5)[0] == [(0.0, 0.5, False), (0.5, 1.0, True)]
+    # The file's start is checked against end_percent like a start set on the node.
+    with pytest.raises(ValueError, match=r"start_percent 0\.3 \(from the file\) and end_percent 0\.2"):
+        _apply(pack_nodes, clip, projector, FROM_FILE, end_percent=0.2)
+
+
+def test_a_file_without_defaults_falls_back_to_the_papers_start(pack_nodes, pb_folder, tiny_model, sd15_parts):
+    loaded = pack_nodes["PortraitBoothLoadModel"].execute(tiny_model, "pb_text_only.safetensors", 1.0)
+    assert loaded.ui["text"] == ["pb_text_only.safetensors: identity arcface:standin/w600k_r50.onnx; no start "
+                                 "stored (0.00, the paper's)"]
+    ranges, text = _apply(pack_nodes, sd15_parts[1], loaded.args[1], FROM_FILE)
+    assert ranges == [(0.0, 1.0, True)]
+    assert text == "identity from start 0.00 (the paper's default; the file stores none) to end 1.00"
+
+
+@pytest.mark.parametrize("defaults, problem", [
+    ({"start_percent": 1.5}, "defaults.start_percent is 1.5, expected 0 <= start_percent < 1"),
+    ({"start_percent": 1.0}, "defaults.start_percent is 1, expected 0 <= start_percent < 1"),
+    ({"start_percent": "0.3"}, "defaults.start_percent is '0.3', expected a number"),
+    ({"cfg": 0}, "defaults.cfg is 0, expected a positive number"),
+])
+def test_a_bad_default_in_the_file_is_refused_at_load(tmp_path, defaults, problem):
+    path = write_model(tmp_path / "bad.safetensors", defaults=defaults)
+    with pytest.raises(CorruptWeightFileError, match="bad.safetensors: its metadata's " + problem.replace(".", r"\.")):
+        load_portraitbooth(path)

@@ -41,7 +41,7 @@ def assert_same_dataset(folder: Path, reference: Path) -> None:
 
 
 def spec():
-    from training.build import EncoderSpec
+    from training.build.settings import EncoderSpec
 
     return EncoderSpec(ENCODER_FACTORY)
 
@@ -54,7 +54,7 @@ def people(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(people) -> Path:
     """The one-process build every other way of building must reproduce byte for byte."""
-    from training.build import DatasetBuilder
+    from training.build.builder import DatasetBuilder
 
     out = people.parent / "one-process"
     report = DatasetBuilder(people, out, make_encoder(), scale_settings(), progress=False).build()
@@ -66,17 +66,19 @@ def reference(people) -> Path:
     return out
 
 
+@pytest.mark.slow  # builds 2000 people: ~40 s for the file on 2 cores
 def test_two_worker_processes_build_the_one_process_dataset(people, reference, tmp_path):
-    from training.build import DatasetBuilder
+    from training.build.builder import DatasetBuilder
 
     out = tmp_path / "two-workers"
     DatasetBuilder(people, out, spec(), scale_settings(), progress=False, workers=2).build()
     assert_same_dataset(out, reference)
 
 
+@pytest.mark.slow  # builds 2000 people: ~40 s for the file on 2 cores
 def test_two_parts_merge_into_the_one_process_dataset(people, reference, tmp_path):
-    from training.build import DatasetBuilder
-    from training.merge import merge_parts
+    from training.build.builder import DatasetBuilder
+    from training.build.merge import merge_parts
 
     parts = [tmp_path / "part0", tmp_path / "part1"]
     reports = [DatasetBuilder(people, parts[i], make_encoder(), scale_settings(), progress=False,
@@ -95,7 +97,7 @@ def test_two_parts_merge_into_the_one_process_dataset(people, reference, tmp_pat
     assert_same_dataset(out, reference)
 
     # the refusals, each with what to do
-    from training.merge import MergeError
+    from training.build.merge import MergeError
 
     with pytest.raises(MergeError, match=r"merged exists and is not empty; merge into a new folder, or pass "
                                          r"--overwrite"):
@@ -156,11 +158,13 @@ def _log_counts(path: Path) -> collections.Counter:
     return collections.Counter(int(x) for x in path.read_text().split()) if path.is_file() else collections.Counter()
 
 
+@pytest.mark.slow  # builds 2000 people: ~40 s for the file on 2 cores
 def test_a_killed_build_resumes_with_only_the_unfinished_people(people, reference, tmp_path, monkeypatch):
     """Kill a two-worker build (SIGKILL, no cleanup) once a worker reaches person 1200, then
     resume in one process: only people not committed to the journal are analyzed again,
     and the result is the one-process dataset."""
-    import training.build as build
+    import training.build.builder as build
+    from training.build.journal import journal_records
 
     out = tmp_path / "killed"
     comfy = Path(next(iter(sys.modules["comfy"].__path__))).parent
@@ -169,7 +173,7 @@ def test_a_killed_build_resumes_with_only_the_unfinished_people(people, referenc
         f"sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]\n"
         "os.environ['STANDIN_KILL_PID'] = str(os.getpid())\n"
         "from build_standins import scale_settings, ENCODER_FACTORY\n"
-        "from training.build import DatasetBuilder, EncoderSpec\n"
+        "from training.build.builder import DatasetBuilder\nfrom training.build.settings import EncoderSpec\n"
         f"DatasetBuilder({str(people)!r}, {str(out)!r}, EncoderSpec(ENCODER_FACTORY), scale_settings(),\n"
         "               progress=False, workers=2).build()\n")
     env = {**os.environ, "COMFYUI_PATH": str(comfy), "STANDIN_KILL_AT": "1200",
@@ -188,7 +192,7 @@ def test_a_killed_build_resumes_with_only_the_unfinished_people(people, referenc
     assert not workers_left, "the killed builder's worker processes kept running"
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.out").read_text()[-3000:]
     assert not (out / "index.json").exists()
-    done = {p["name"] for rec in build.journal_records(out) for p in rec["people"]}
+    done = {p["name"] for rec in journal_records(out) for p in rec["people"]}
     assert 200 < len(done) < 1200, len(done)  # killed mid-way, with shards committed
     assert _log_counts(tmp_path / "killed.log")[1200] >= 1
 
@@ -209,7 +213,8 @@ def test_a_killed_build_resumes_with_only_the_unfinished_people(people, referenc
 
 
 def test_resume_refusals_name_the_setting_and_the_way_on(tmp_path):
-    from training.build import BuildStateError, DatasetBuilder
+    from training.build.settings import BuildStateError
+    from training.build.builder import DatasetBuilder
 
     src = make_people(tmp_path / "src", 12)
     out = tmp_path / "out"
@@ -239,7 +244,7 @@ def test_resume_refusals_name_the_setting_and_the_way_on(tmp_path):
 
 
 def test_recognition_is_one_batched_call_per_person(tmp_path):
-    from training.build import DatasetBuilder
+    from training.build.builder import DatasetBuilder
 
     src = make_people(tmp_path / "src", 11)  # p00002 has three photos, p00010 two, the others one
     (src / "p00004" / "1.png").write_bytes((src / "p00005" / "0.png").read_bytes())  # and p00004 two
@@ -262,8 +267,8 @@ def _write_clip(path: Path, frames: int, fps: float = 6.0) -> None:
 
 
 def _video_metas(src: Path, out: Path, **settings) -> list[dict]:
-    from training.build import DatasetBuilder
-    from training.shards import ShardReader
+    from training.build.builder import DatasetBuilder
+    from training.dataset.shards import ShardReader
 
     report = DatasetBuilder(src, out, make_encoder(), scale_settings(**settings), progress=False).build()
     assert not report["skipped"], report["skipped"]
@@ -296,7 +301,9 @@ def test_every_video_frame_can_be_a_target_with_a_distant_reference(tmp_path):
 def test_a_build_started_by_the_previous_version_resumes(tmp_path):
     """build_state.json of the previous format (people_done, shards, skips in one file, an
     identity without the model files and the newer settings) is continued, not redone."""
-    from training.build import JOURNAL, STATE, DatasetBuilder, Journal
+    from training.build.settings import JOURNAL, STATE
+    from training.build.builder import DatasetBuilder
+    from training.build.journal import Journal
 
     src = make_people(tmp_path / "src", 12)
     later = [f"p{i:05d}" for i in range(6, 12)]

@@ -43,7 +43,7 @@ def blip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finder():
-    from training.captions import TokenFinder
+    from training.build.captions import TokenFinder
 
     return TokenFinder()
 
@@ -65,7 +65,7 @@ def force(captioner, word: str) -> None:
 def test_blip_captioner_loads_a_local_folder_and_captions_in_batches(blip_dir):
     import torch
 
-    from training.captioner import Captioner, load_captioner
+    from training.build.captioner import Captioner, load_captioner
 
     captioner = load_captioner(f"blip:{blip_dir}", device="cpu", batch_size=2, max_new_tokens=6)
     assert isinstance(captioner, Captioner) and captioner.name == "blip:blip-tiny"
@@ -79,8 +79,8 @@ def test_blip_captioner_loads_a_local_folder_and_captions_in_batches(blip_dir):
 
 
 def test_generated_captions_name_the_subject_with_a_class_word(blip_dir, finder):
-    from training.captioner import BlipCaptioner
-    from training.captions import CaptionRequest, CaptionSources, caption_info
+    from training.build.captioner import BlipCaptioner
+    from training.build.captions import CaptionRequest, CaptionSources, caption_info
 
     captioner = BlipCaptioner(blip_dir, device="cpu", prompt="a photo of a", max_new_tokens=1, num_beams=1)
     sources = CaptionSources(captioner=captioner)
@@ -120,7 +120,7 @@ def test_generated_captions_name_the_subject_with_a_class_word(blip_dir, finder)
 
 def test_class_word_for_face_attributes_and_name_subject():
     from portraitbooth_core.vocabulary import class_word_for
-    from training.captions import CaptionError, name_subject
+    from training.build.captions import CaptionError, name_subject
 
     assert class_word_for("M", 30) == "man" and class_word_for(0, 8) == "girl"
     assert class_word_for("female", None) == "woman" and class_word_for(1, 17.9) == "boy"
@@ -140,7 +140,7 @@ def test_class_word_for_face_attributes_and_name_subject():
 
 
 def test_missing_or_incomplete_captioner_folder_is_a_clear_error(tmp_path, blip_dir):
-    from training.captioner import CaptionerError, check_captioner_spec, load_captioner
+    from training.build.captioner import CaptionerError, check_captioner_spec, load_captioner
 
     with pytest.raises(CaptionerError, match=f"captioner folder not found: {tmp_path / 'nope'}; put a BLIP"):
         load_captioner(f"blip:{tmp_path / 'nope'}")
@@ -164,7 +164,7 @@ def test_missing_or_incomplete_captioner_folder_is_a_clear_error(tmp_path, blip_
 
 
 def test_class_synonyms_file_is_validated(tmp_path):
-    from training.captions import ClassSynonymsError, load_class_synonyms
+    from training.build.captions import ClassSynonymsError, load_class_synonyms
 
     good = tmp_path / "syn.json"
     good.write_text(json.dumps({"Man": ["guy", "Politician", "young man"], "woman": ["lady"], "child": []}))
@@ -211,8 +211,8 @@ def celebv_texts(root):
 
 
 def test_celebv_text_reader_on_a_stand_in_in_the_real_layout(tmp_path, finder):
-    from training.captions import CaptionRequest, CaptionSources, caption_info
-    from training.celebv_text import CelebVText, CelebVTextError, emotion_labels
+    from training.build.captions import CaptionRequest, CaptionSources, caption_info
+    from training.build.celebv_text import CelebVText, CelebVTextError, emotion_labels
 
     # Its 8 emotion categories, as its descriptions write them, become the pack's expression words.
     assert emotion_labels("neutral, happiness, sadness, anger, fear, surprise, contempt, disgust, anger") == \
@@ -256,10 +256,10 @@ def test_celebv_text_reader_on_a_stand_in_in_the_real_layout(tmp_path, finder):
 def test_build_from_a_celebv_text_root_and_with_a_captioner(tmp_path, photos_dir, people_dir, train_encoder,
                                                             blip_dir):
     cv2 = pytest.importorskip("cv2")
-    from training.build import DatasetBuilder
-    from training.captioner import BlipCaptioner
-    from training.captions import load_class_synonyms
-    from training.shards import ShardReader
+    from training.build.builder import DatasetBuilder
+    from training.build.captioner import BlipCaptioner
+    from training.build.captions import load_class_synonyms
+    from training.dataset.shards import ShardReader
 
     def metas(folder):
         reader = ShardReader(folder)
@@ -341,7 +341,7 @@ def _reference_positions(finder, caption: str, word: str):
     """TokenFinder.positions as it was before its matchers were cached: the core's finders,
     which build a new matcher on every call (the pack's inference path)."""
     from portraitbooth_core.ecac.expression_words import find_expression_tokens, find_word_tokens
-    from training.captions import CHUNK, CaptionError
+    from training.build.captions import CHUNK, CaptionError
 
     chunks = finder.tokenize(caption, disable_weights=True)[:1]
     ident = [m.position for m in find_word_tokens(chunks, [word], finder.ids_of, finder.ends_word, finder.special)
@@ -356,7 +356,7 @@ def _reference_positions(finder, caption: str, word: str):
 def test_many_captions_build_each_word_matcher_once_with_unchanged_results(finder, monkeypatch):
     from portraitbooth_core.stea.class_words import ClassWordMatcher
     from portraitbooth_core.vocabulary import CLASS_WORDS
-    from training.captions import CaptionError, TokenFinder, caption_info, normalize_class_word
+    from training.build.captions import CaptionError, TokenFinder, caption_info, normalize_class_word
 
     captions = _many_captions(48)
     expected = []

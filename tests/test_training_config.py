@@ -23,7 +23,7 @@ def test_file_then_overrides(tmp_path):
     assert load_config(None, ["lr=1"]).lr == 1.0  # ints where floats are expected are fine
     with pytest.raises(ValueError, match="unknown training setting.*stepz"):
         load_config(None, ["stepz=3"])
-    with pytest.raises(ValueError, match="mode must be one of"):
+    with pytest.raises(ValueError, match="^mode: 'dreambooth' is not one of full, lora, frozen"):
         load_config(None, ["mode=dreambooth"])
     with pytest.raises(ValueError, match="steps: expected int"):
         load_config(None, ["steps=many"])
@@ -31,7 +31,7 @@ def test_file_then_overrides(tmp_path):
 
 def test_8bit_adam_without_bitsandbytes_names_the_package(sd15_checkpoint, dataset_dir, tmp_path):
     from portraitbooth_core.optional import MissingDependencyError, available
-    from training.trainer import Trainer
+    from training.run.trainer import Trainer
     from training_fixtures import train_config
 
     if available("bitsandbytes"):

@@ -35,7 +35,8 @@ def reference_batch(dataset: Path, config, positions: list[int]) -> dict:
     """What the pre-DataLoader reader gave for these positions: shards in index order, keys
     sorted, epoch e = torch.randperm(N, generator(seed, 7, e)), members read by name with
     tarfile, decode + draw per position, stacked."""
-    from training.data import UNCOND, decode, draw, generator
+    from training.run.data import UNCOND, draw, generator
+    from training.dataset.samples import decode
 
     index = json.loads((dataset / "index.json").read_text())
     samples = []
@@ -72,8 +73,8 @@ def assert_same(batch, expected: dict) -> None:
 
 
 def stream(dataset: Path, config, rank: int = 0, world: int = 1, end_step: int | None = None):
-    from training.data import BatchLoader, MicroBatchStream
-    from training.shards import ShardReader
+    from training.run.data import BatchLoader, MicroBatchStream
+    from training.dataset.shards import ShardReader
 
     reader = ShardReader(dataset)
     loader = BatchLoader(reader, config)
@@ -82,7 +83,7 @@ def stream(dataset: Path, config, rank: int = 0, world: int = 1, end_step: int |
 
 def test_loader_with_workers_gives_todays_sequence_and_the_same_after_a_resume(dataset_dir):
     from training.config import TrainConfig
-    from training.data import micro_positions
+    from training.run.data import micro_positions
 
     # 5 samples, 2 x 2 per step: epochs end mid-micro-batch, so resumes land mid-epoch.
     config = TrainConfig(dataset=str(dataset_dir), seed=3, micro_batch=2, grad_accum=2, num_workers=2)
@@ -119,7 +120,7 @@ def test_loader_with_workers_gives_todays_sequence_and_the_same_after_a_resume(d
 # -- bounded open files, compact index ---------------------------------------------------------
 def write_dataset(folder: Path, shards: int, per_shard: int, payload: int = 64) -> Path:
     """A dataset of tiny synthetic samples (bytes, not images): only the reader is tested."""
-    from training.shards import FORMAT, INDEX, ShardWriter, write_json_atomic
+    from training.dataset.shards import FORMAT, INDEX, ShardWriter, write_json_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -139,7 +140,7 @@ def open_fds() -> int:
 
 
 def test_open_shard_files_stay_under_the_bound_with_more_shards_than_it(tmp_path):
-    from training.shards import ShardReader
+    from training.dataset.shards import ShardReader
 
     data = write_dataset(tmp_path / "many", shards=12, per_shard=3)
     reader = ShardReader(data, max_open=3)
@@ -159,8 +160,8 @@ def test_open_shard_files_stay_under_the_bound_with_more_shards_than_it(tmp_path
 
 
 def test_compact_index_is_memory_mapped_and_follows_the_dataset(tmp_path):
-    from training.shard_index import COMPACT_ARRAY, COMPACT_META
-    from training.shards import ShardReader
+    from training.dataset.shard_index import COMPACT_ARRAY, COMPACT_META
+    from training.dataset.shards import ShardReader
 
     # An "old" dataset: JSON index only. The first open writes the compact index beside it.
     data = write_dataset(tmp_path / "old", shards=3, per_shard=4)
@@ -174,7 +175,7 @@ def test_compact_index_is_memory_mapped_and_follows_the_dataset(tmp_path):
     assert isinstance(reader.compact.array, np.memmap) and not hasattr(reader, "entries")
     assert [reader.read(i) for i in range(12)] == first
     # A shard rewritten with other samples: the index follows (shard JSON changed).
-    from training.shards import FORMAT, ShardWriter
+    from training.dataset.shards import FORMAT, ShardWriter
 
     writer = ShardWriter(data, "shard-00001")
     writer.add("zz", {"json": b'{"n": "new"}', "bin": b"x"})
@@ -188,7 +189,7 @@ def test_compact_index_is_memory_mapped_and_follows_the_dataset(tmp_path):
 
 def test_index_memory_does_not_grow_with_the_dataset(tmp_path):
     """20k samples: what the reader keeps in Python memory is about what it keeps for 400."""
-    from training.shards import FORMAT, INDEX, write_json_atomic
+    from training.dataset.shards import FORMAT, INDEX, write_json_atomic
 
     def fake(folder: Path, shards: int, per_shard: int) -> Path:
         # Shard JSONs only (the index does not read the tars); offsets as a tar would have them.
@@ -203,7 +204,7 @@ def test_index_memory_does_not_grow_with_the_dataset(tmp_path):
                                                        "count": per_shard} for s in range(shards)]})
         return folder
 
-    from training.shards import ShardReader
+    from training.dataset.shards import ShardReader
 
     kept = {}
     for n, folder in ((400, fake(tmp_path / "small", 4, 100)), (20_000, fake(tmp_path / "large", 20, 1000))):
@@ -220,7 +221,7 @@ def test_index_memory_does_not_grow_with_the_dataset(tmp_path):
 
 
 def test_auto_workers_share_the_node_cpus_among_its_ranks(monkeypatch):
-    from training.data import loader_workers
+    from training.run.data import loader_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     for local, expected in ((None, 4), ("8", 1), ("16", 0)):
@@ -247,8 +248,8 @@ def memory_dataset(dataset_dir):
 
 def test_reads_a_dataset_behind_an_fsspec_url(memory_dataset, dataset_dir, index_cache):
     from training.config import TrainConfig
-    from training.data import micro_positions
-    from training.shards import ShardReader
+    from training.run.data import micro_positions
+    from training.dataset.shards import ShardReader
 
     local, remote = ShardReader(dataset_dir), ShardReader(memory_dataset)
     assert remote.location.remote and len(remote) == len(local) == 5
@@ -271,7 +272,7 @@ def test_a_url_without_fsspec_names_the_package(monkeypatch):
     import sys
 
     from portraitbooth_core.optional import MissingDependencyError
-    from training.shards import ShardReader
+    from training.dataset.shards import ShardReader
 
     monkeypatch.setitem(sys.modules, "fsspec", None)
     with pytest.raises(MissingDependencyError, match="pip install fsspec"):
@@ -284,7 +285,7 @@ def test_a_url_without_fsspec_names_the_package(monkeypatch):
 def test_encoder_fingerprint_follows_the_vae_and_text_encoder_only(tmp_path):
     from safetensors.torch import save_file
 
-    from training.precompute import encoder_fingerprint
+    from training.dataset.precomputed import encoder_fingerprint
 
     def ckpt(name, unet, vae):
         save_file({"model.diffusion_model.w": torch.full((3,), unet), "first_stage_model.w": torch.full((3,), vae),
@@ -297,12 +298,12 @@ def test_encoder_fingerprint_follows_the_vae_and_text_encoder_only(tmp_path):
 @pytest.fixture(scope="module")
 def precomputed(sd15_checkpoint, dataset_dir, tmp_path_factory):
     """A copy of the dataset with precomputed inputs, made with the command line."""
-    from conftest import COMFY_DIR
+    from conftest import MODELS_DIR
     from training.__main__ import main
 
     data = tmp_path_factory.mktemp("precomputed") / "data"
     shutil.copytree(dataset_dir, data)
-    checkpoint = str(COMFY_DIR / "models" / "checkpoints" / sd15_checkpoint)
+    checkpoint = str(MODELS_DIR / "checkpoints" / sd15_checkpoint)
     assert main(["precompute", str(data), "--model", checkpoint, "--device", "cpu", "--batch-size", "2"]) == 0
     return data
 
@@ -310,8 +311,8 @@ def precomputed(sd15_checkpoint, dataset_dir, tmp_path_factory):
 def test_precomputed_inputs_give_the_loss_of_encoding_in_the_step(precomputed, tmp_path):
     from safetensors import safe_open
 
-    from training.data import IDENTITY, TEXT_ONLY, UNCOND, draw, micro_batch_rng
-    from training.trainer import Trainer
+    from training.run.data import IDENTITY, TEXT_ONLY, UNCOND, draw, micro_batch_rng
+    from training.run.trainer import Trainer
 
     with safe_open(str(precomputed / "precomputed" / "shard-00000.safetensors"), "pt") as f:  # plain safetensors
         assert f.get_tensor("latents").shape == (2, 4, *LATENT_HW) and f.get_tensor("text").shape[1:] == (77, 768)
@@ -349,8 +350,8 @@ def test_precomputed_inputs_give_the_loss_of_encoding_in_the_step(precomputed, t
 def test_models_handed_in_use_precomputed_inputs_only_when_their_encoders_are_the_checkpoints(precomputed, tmp_path):
     # The evidence runs hand the trainer the checkpoint's encoders with their own UNet:
     # the precomputed latents fit them. Encoders of unknown origin must not use them.
-    from training.models import load_models
-    from training.trainer import Trainer
+    from training.models.load import load_models
+    from training.run.trainer import Trainer
 
     config = train_config(precomputed, tmp_path / "run")
     models = load_models(config, torch.device("cpu"))
@@ -368,8 +369,8 @@ def test_models_handed_in_use_precomputed_inputs_only_when_their_encoders_are_th
 
 
 def test_a_precompute_older_than_the_dataset_or_of_another_model_is_refused(precomputed, tmp_path):
-    from training.precompute import MANIFEST, PrecomputedError
-    from training.trainer import Trainer
+    from training.dataset.precomputed import MANIFEST, PrecomputedError
+    from training.run.trainer import Trainer
 
     data = tmp_path / "data"
     shutil.copytree(precomputed, data)

@@ -13,7 +13,7 @@ from training_fixtures import build_settings
 
 
 def samples_by_source(dataset_dir) -> dict:
-    from training.shards import ShardReader
+    from training.dataset.shards import ShardReader
 
     reader = ShardReader(dataset_dir)
     out = {}
@@ -38,7 +38,7 @@ def test_builds_samples_and_reports_every_skipped_file(dataset_dir):
 
 
 def test_sample_contents(dataset_dir):
-    from training.data import decode
+    from training.dataset.samples import decode
 
     samples = samples_by_source(dataset_dir)
     obama = json.loads(samples["obama/obama.jpg"]["json"])
@@ -62,7 +62,7 @@ def test_sample_contents(dataset_dir):
 def test_references_come_from_another_photo_of_the_person(dataset_dir, people_dir, train_encoder):
     import io
 
-    from training.sources import load_image
+    from training.build.sources import load_image
 
     samples = samples_by_source(dataset_dir)
     metas = [json.loads(v["json"]) for v in samples.values()]
@@ -97,7 +97,7 @@ def test_shards_are_plain_tars_in_webdataset_layout(dataset_dir):
 def test_missing_class_word_is_skipped_with_its_reason(tmp_path, people_dir, train_encoder):
     import shutil
 
-    from training.build import DatasetBuilder
+    from training.build.builder import DatasetBuilder
 
     src = tmp_path / "src"
     shutil.copytree(people_dir / "obama", src / "obama")
@@ -110,7 +110,7 @@ def test_missing_class_word_is_skipped_with_its_reason(tmp_path, people_dir, tra
 
 def test_interrupted_build_resumes_without_redoing_finished_people(tmp_path, people_dir, train_encoder,
                                                                    dataset_dir, monkeypatch):
-    from training.build import DatasetBuilder
+    from training.build.builder import DatasetBuilder
 
     out = tmp_path / "resumed"
     seen = []
@@ -138,8 +138,8 @@ def test_interrupted_build_resumes_without_redoing_finished_people(tmp_path, peo
 
 def test_video_gives_end_frames_as_targets_and_the_middle_as_reference(tmp_path, photos_dir, train_encoder):
     cv2 = pytest.importorskip("cv2")
-    from training.build import DatasetBuilder
-    from training.sources import video_frames
+    from training.build.builder import DatasetBuilder
+    from training.build.sources import video_frames
 
     person = tmp_path / "src" / "obama"
     person.mkdir(parents=True)

@@ -24,7 +24,7 @@ def test_learning_rate_defaults_by_mode_and_an_explicit_rate_wins():
     assert load_config(None, []).learning_rate == 1e-4
     assert load_config(None, ["mode=lora", "lr=3e-6"]).learning_rate == 3e-6
     assert load_config(None, ["mode=full", "lr=2e-4"]).learning_rate == 2e-4
-    with pytest.raises(ValueError, match="lr and projector_lr must be >= 0"):
+    with pytest.raises(ValueError, match=r"^lr: -0.0001 is below the minimum 0; give a number in 0..1 \(0: the mode's"):
         load_config(None, ["lr=-1e-4"])
 
 
@@ -46,7 +46,7 @@ class FakeCuda:
     ((8, 0), False, "fp16"),   # a build without bf16 kernels
 ])
 def test_auto_precision_is_bf16_only_where_native(monkeypatch, capability, bf16, expected):
-    from training.precision import choose_precision, grad_scaler
+    from training.models.precision import choose_precision, grad_scaler
 
     FakeCuda(monkeypatch, capability, bf16)
     cuda = torch.device("cuda", 0)
@@ -61,7 +61,7 @@ def test_auto_precision_is_bf16_only_where_native(monkeypatch, capability, bf16,
 
 def test_fp16_trains_with_loss_scaling_and_an_overflow_only_lowers_the_scale(sd15_checkpoint, dataset_dir,
                                                                              tmp_path):
-    from training.trainer import Trainer
+    from training.run.trainer import Trainer
 
     t = Trainer(train_config(dataset_dir, tmp_path, precision="fp16", lr=0.0, steps=3))
     try:
@@ -97,7 +97,7 @@ def test_fp16_trains_with_loss_scaling_and_an_overflow_only_lowers_the_scale(sd1
 def test_fp32_runs_without_autocast_or_scaling(sd15_checkpoint, dataset_dir, tmp_path):
     import contextlib
 
-    from training.trainer import Trainer
+    from training.run.trainer import Trainer
 
     t = Trainer(train_config(dataset_dir, tmp_path, mode="frozen", steps=1))  # precision auto on the CPU
     try:
@@ -122,7 +122,7 @@ def _mapped_from(tensor: torch.Tensor, path) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_checkpoints_load_memory_mapped_not_into_ram(tmp_path):
-    from training.checkpoint import load_checkpoint, save_checkpoint
+    from training.run.checkpoint import load_checkpoint, save_checkpoint
 
     weights = torch.randn(256, 1024)
     path = save_checkpoint(tmp_path, 7, {"step": 7, "params": {"w": weights}, "optimizer": {}}, keep_last=2)
@@ -135,7 +135,7 @@ def test_checkpoints_load_memory_mapped_not_into_ram(tmp_path):
 
 def test_one_log_line_per_step_and_a_progress_bar_with_eta_and_images_per_second(
         sd15_checkpoint, dataset_dir, tmp_path, monkeypatch, capsys, caplog):
-    from training import trainer as trainer_module
+    from training.run import trainer as trainer_module
 
     console = logging.StreamHandler(sys.stderr)  # what `python -m training` sets up (basicConfig)
     console.setFormatter(logging.Formatter("%(message)s"))
@@ -169,7 +169,7 @@ def test_one_log_line_per_step_and_a_progress_bar_with_eta_and_images_per_second
 
 
 def test_no_progress_bar_when_stderr_is_not_a_terminal(sd15_checkpoint, dataset_dir, tmp_path, capsys):
-    from training.metrics import Progress, interactive
+    from training.run.metrics import Progress, interactive
 
     assert interactive() is False  # pytest captures stderr: not a TTY
     bar = Progress(10, 0, 4, enabled=False)

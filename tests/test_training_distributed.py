@@ -35,6 +35,10 @@ REORDERED_ATOL = 1e-4
 # later steps inherit the ~1e-7 relative weight differences above. A term averaged over
 # the wrong micro-batches (the old per-rank mean) is off by tens of percent.
 LOG_RTOL, LOG_ATOL = 1e-5, 1e-7
+# Logs of the reordered runs inherit REORDERED_ATOL's weight differences: measured 1.5e-5
+# relative in step 4's grad_norm for 2 then 4 processes (Xeon, torch 2.14.1 on the CPU),
+# still three orders of magnitude below a term averaged over the wrong micro-batches.
+REORDERED_LOG_RTOL = 1e-4
 LOGGED = ("noise", "loc", "id", "total", "grad_norm", "id_batches", "lr")
 RECIPE_STEPS = 4  # seed 0, micro-batches of 1: steps 1-3 mix ranks with and without L_id, step 4 has none
 
@@ -80,7 +84,7 @@ def torchrun(ranks: int, config, env: dict | None = None) -> subprocess.Complete
 
 
 def final_params(run_dir, steps: int = STEPS) -> dict:
-    from training.checkpoint import latest_checkpoint, load_checkpoint
+    from training.run.checkpoint import latest_checkpoint, load_checkpoint
 
     state = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
     assert state["step"] == steps
@@ -96,9 +100,9 @@ def assert_same_weights(one: dict, other: dict, label: str, atol: float = DDP_AT
     assert worst < atol, (label, worst)
 
 
-def assert_same_logs(one_dir, other_dir, steps: range) -> list[dict]:
+def assert_same_logs(one_dir, other_dir, steps: range, rtol: float = LOG_RTOL) -> list[dict]:
     """The logged loss terms of `steps` agree; returns the other run's records."""
-    from training.metrics import read_metrics
+    from training.run.metrics import read_metrics
 
     one = {r["step"]: r for r in read_metrics(one_dir)}
     other = {r["step"]: r for r in read_metrics(other_dir)}
@@ -107,7 +111,7 @@ def assert_same_logs(one_dir, other_dir, steps: range) -> list[dict]:
         a = {k: one[step][k] for k in LOGGED if k in one[step]}
         b = {k: other[step][k] for k in LOGGED if k in other[step]}
         assert a.keys() == b.keys(), (step, a, b)
-        assert b == pytest.approx(a, rel=LOG_RTOL, abs=LOG_ATOL), step
+        assert b == pytest.approx(a, rel=rtol, abs=LOG_ATOL), step
     return [other[s] for s in steps]
 
 
@@ -115,7 +119,7 @@ def predicted_id_batches(config_path, world: int, step: int) -> list[int]:
     """Per rank: how many of its micro-batches at `step` (1-based) hold an identity sample
     with t <= R_t, from the recipe's draws alone (independent of the trainer's logging)."""
     from training.config import load_config
-    from training.data import IDENTITY, draw, micro_positions
+    from training.run.data import IDENTITY, draw, micro_positions
 
     cfg = load_config(config_path)
     counts = []
@@ -131,8 +135,8 @@ def predicted_id_batches(config_path, world: int, step: int) -> list[int]:
 def test_logged_terms_average_over_the_micro_batches_that_have_them(sd15_checkpoint, dataset_dir, tmp_path):
     """What every rank logs (and reduces): a term's mean over the micro-batches that had
     it, not over all of them: L_id of one micro-batch in four is logged as itself."""
-    from training.data import micro_positions
-    from training.trainer import Trainer
+    from training.run.data import micro_positions
+    from training.run.trainer import Trainer
 
     cfg = train_config(dataset_dir, tmp_path / "run", micro_batch=1, grad_accum=4, steps=1, **recipe())
     trainer = Trainer(cfg)
@@ -156,7 +160,7 @@ def test_logged_terms_average_over_the_micro_batches_that_have_them(sd15_checkpo
 def test_global_rng_inside_a_micro_batch_is_keyed_by_its_position():
     """Dropout or an augmentation drawing from torch's global RNG gets the same numbers on
     any rank count and after a resume: no per-rank RNG state needs saving."""
-    from training.data import micro_batch_rng
+    from training.run.data import micro_batch_rng
 
     cpu = torch.device("cpu")
     torch.manual_seed(123)
@@ -192,6 +196,7 @@ def two_rank_run(sd15_checkpoint, dataset_dir, tmp_path_factory):
     return tmp / "ddp", config
 
 
+@pytest.mark.slow  # torchrun runs: ~2.5 min for the file on 2 cores
 def test_torchrun_two_processes_match_one_process(single_run, two_rank_run):
     run, config = two_rank_run
     one, two = final_params(single_run), final_params(run)
@@ -206,6 +211,7 @@ def test_torchrun_two_processes_match_one_process(single_run, two_rank_run):
     assert any(r["id_batches"] == 1 for r in records), predicted
 
 
+@pytest.mark.slow  # torchrun runs: ~2.5 min for the file on 2 cores
 def test_resume_two_ranks_on_one_process_is_bit_exact(single_run, two_rank_run, dataset_dir, tmp_path):
     """The 2-rank run's step-1 checkpoint (what a 2-rank run stopped after step 1 leaves)
     resumed by one process accumulating the same global batch. Two ranks' halves add in
@@ -234,12 +240,13 @@ def single_recipe_run(sd15_checkpoint, dataset_dir, tmp_path_factory):
     return tmp / "run"
 
 
+@pytest.mark.slow  # torchrun runs: ~2.5 min for the file on 2 cores
 def test_torchrun_four_processes_match_one_process(single_recipe_run, dataset_dir, tmp_path):
     config = write_config(tmp_path, dataset_dir, "ddp4", steps=RECIPE_STEPS, micro_batch=1, grad_accum=1)
     torchrun(4, config)
     one = final_params(single_recipe_run, RECIPE_STEPS)
     assert_same_weights(one, final_params(tmp_path / "ddp4", RECIPE_STEPS), "1 vs 4 processes", REORDERED_ATOL)
-    records = assert_same_logs(single_recipe_run, tmp_path / "ddp4", range(1, RECIPE_STEPS + 1))
+    records = assert_same_logs(single_recipe_run, tmp_path / "ddp4", range(1, RECIPE_STEPS + 1), REORDERED_LOG_RTOL)
     predicted = [predicted_id_batches(config, 4, s) for s in range(1, RECIPE_STEPS + 1)]
     assert [r.get("id_batches") for r in records] == [sum(p) for p in predicted]
     # Ranks with and without L_id in one step (one micro-batch each), and a step without any.
@@ -247,10 +254,11 @@ def test_torchrun_four_processes_match_one_process(single_recipe_run, dataset_di
     assert any(r["id_batches"] == 0 and "id" not in r for r in records), predicted
 
 
+@pytest.mark.slow  # torchrun runs: ~2.5 min for the file on 2 cores
 def test_resume_two_ranks_on_four_ranks_continues(single_recipe_run, dataset_dir, tmp_path):
     """2 steps on 2 ranks (accumulation 2), stop, then 4 ranks (accumulation 1) to the end:
     the same global batch, so the same samples, noise and weights as one process throughout."""
-    from training.checkpoint import load_checkpoint
+    from training.run.checkpoint import load_checkpoint
 
     first = write_config(tmp_path, dataset_dir, "resume", steps=2, micro_batch=1, grad_accum=2)
     torchrun(2, first)
@@ -263,11 +271,12 @@ def test_resume_two_ranks_on_four_ranks_continues(single_recipe_run, dataset_dir
     one = final_params(single_recipe_run, RECIPE_STEPS)
     assert_same_weights(one, final_params(tmp_path / "resume", RECIPE_STEPS), "1 process vs 2 then 4 processes",
                         REORDERED_ATOL)
-    assert_same_logs(single_recipe_run, tmp_path / "resume", range(1, RECIPE_STEPS + 1))
+    assert_same_logs(single_recipe_run, tmp_path / "resume", range(1, RECIPE_STEPS + 1), REORDERED_LOG_RTOL)
 
 
+@pytest.mark.slow  # torchrun runs: ~2.5 min for the file on 2 cores
 def test_sigkill_during_checkpoint_write_resumes_exactly(single_run, dataset_dir, tmp_path):
-    from training.checkpoint import FAULT_ENV, list_checkpoints
+    from training.run.checkpoint import FAULT_ENV, list_checkpoints
 
     config = write_config(tmp_path, dataset_dir, "crash")
     args = ["-m", "training", "train", "--config", str(config)]

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import COMFY_DIR, TEST_CHECKPOINT
+from conftest import MODELS_DIR, TEST_CHECKPOINT
 from training_fixtures import *  # noqa: F401,F403
 from training_fixtures import train_config
 
 
 def trained(dataset_dir, tmp_path, mode: str, **overrides):
-    from training.trainer import Trainer
+    from training.run.trainer import Trainer
 
     t = Trainer(train_config(dataset_dir, tmp_path, **{"mode": mode, "steps": 2, **overrides}))
     return t, t.run()
@@ -40,7 +40,7 @@ def test_comfyui_applying_the_export_reproduces_the_trained_unet(sd15_checkpoint
     try:
         expected = unet_output(t.models.base)
         pb = load_portraitbooth(path)
-        fresh, *_ = comfy.sd.load_checkpoint_guess_config(str(COMFY_DIR / "models" / "checkpoints" / TEST_CHECKPOINT),
+        fresh, *_ = comfy.sd.load_checkpoint_guess_config(str(MODELS_DIR / "checkpoints" / TEST_CHECKPOINT),
                                                           output_vae=False, output_clip=False,
                                                           model_options={"dtype": torch.float32})
         untouched = unet_output(fresh.model)
@@ -81,7 +81,7 @@ def exported_in_models_folder(sd15_checkpoint, dataset_dir, tmp_path):
     """A full-UNet export placed where the server's Load PortraitBooth Model looks."""
     t, path = trained(dataset_dir, tmp_path, "full")
     t.close()
-    folder = COMFY_DIR / "models" / "portraitbooth"
+    folder = MODELS_DIR / "portraitbooth"
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"test_training_{uuid.uuid4().hex[:8]}.safetensors"
     target.write_bytes(path.read_bytes())

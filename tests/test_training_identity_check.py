@@ -23,7 +23,7 @@ from training_fixtures import build_settings, train_config
 def dlib_dataset(tmp_path_factory, people_dir) -> Path:
     """What `python -m training build` without --pack writes: dlib 128-d embeddings."""
     from portraitbooth_core.face import build_encoder
-    from training.build import DatasetBuilder
+    from training.build.builder import DatasetBuilder
 
     out = tmp_path_factory.mktemp("dlib_dataset")
     encoder = build_encoder(None, provider="cpu")  # RetinaFace + dlib: the zero-download default
@@ -51,8 +51,8 @@ def test_train_cli_refuses_a_dlib_build_naming_the_fix(dlib_dataset, sd15_checkp
 
 def test_dlib_build_trains_when_id_weight_is_zero_with_one_info_line(dlib_dataset, sd15_checkpoint, tmp_path,
                                                                      caplog):
-    from training.dip_check import IdentityLossError
-    from training.trainer import Trainer
+    from training.run.dip_check import IdentityLossError
+    from training.run.trainer import Trainer
 
     with pytest.raises(IdentityLossError, match="no differentiable recognizer"):
         Trainer(train_config(dlib_dataset, tmp_path / "refused", mode="frozen", steps=1))
@@ -70,8 +70,8 @@ def test_dlib_build_trains_when_id_weight_is_zero_with_one_info_line(dlib_datase
 
 
 def test_a_recognizer_that_is_not_found_stops_the_trainer(dataset_dir, tmp_path):
-    from training import trainer as trainer_module
-    from training.dip_check import IdentityLossError
+    from training.run import trainer as trainer_module
+    from training.run.dip_check import IdentityLossError
 
     opened = []
     original = trainer_module.load_models
@@ -90,8 +90,8 @@ def test_a_recognizer_that_is_not_found_stops_the_trainer(dataset_dir, tmp_path)
 
 
 def test_a_recognizer_with_other_embeddings_than_the_dataset_is_refused(dataset_dir, tmp_path, sd15_checkpoint):
-    from training.dip_check import IdentityLossError
-    from training.trainer import Trainer
+    from training.run.dip_check import IdentityLossError
+    from training.run.trainer import Trainer
 
     other = build_arcface_onnx(tmp_path / "other" / "r128.onnx", dim=128)
     with pytest.raises(IdentityLossError, match=r"gives 128-d embeddings, but the dataset's index.json records "
@@ -103,7 +103,8 @@ def test_a_recognizer_with_other_embeddings_than_the_dataset_is_refused(dataset_
 
 def test_builder_refuses_to_resume_with_another_face_encoder(tmp_path, people_dir, train_encoder):
     from portraitbooth_core.face import build_encoder
-    from training.build import STATE, DatasetBuilder
+    from training.build.settings import STATE
+    from training.build.builder import DatasetBuilder
 
     src = tmp_path / "src"
     shutil.copytree(people_dir / "obama", src / "obama")
@@ -121,8 +122,8 @@ def test_builder_refuses_to_resume_with_another_face_encoder(tmp_path, people_di
     assert "face_encoder.kind: \"arcface:standin/w600k_r50.onnx\" recorded, \"dlib:resnet128\" now" in text
     assert "face_encoder.dim: 512 recorded, 128 now" in text
     assert "face_encoder.recognizer: {\"file\": \"w600k_r50.onnx\", \"pack\": \"standin\"} recorded, null now" in text
-    from training.build import BuildSettings
-    from training.face_crops import CropSettings
+    from training.build.settings import BuildSettings
+    from training.build.face_crops import CropSettings
 
     other = BuildSettings(CropSettings(resolution=64, min_face=40), caption_template="a photo of a {word}")
     with pytest.raises(ValueError, match=r"settings.crops.min_face: 32 recorded, 40 now"):
@@ -132,7 +133,8 @@ def test_builder_refuses_to_resume_with_another_face_encoder(tmp_path, people_di
 
 
 def test_builder_resumes_a_state_written_before_the_encoder_was_recorded(tmp_path, people_dir, train_encoder):
-    from training.build import STATE, DatasetBuilder
+    from training.build.settings import STATE
+    from training.build.builder import DatasetBuilder
 
     src = tmp_path / "src"
     shutil.copytree(people_dir / "obama", src / "obama")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from build_standins import make_encoder, make_people, scale_settings
-from conftest import COMFY_DIR
+from conftest import MODELS_DIR
 from training_fixtures import edit_json, flip_image_byte
 
 PEOPLE = 30
@@ -24,15 +24,15 @@ SHARD_SIZE = 4  # several shards per part, and merged shards that take samples o
 
 @pytest.fixture(scope="module")
 def checkpoint(sd15_checkpoint) -> str:
-    return str(COMFY_DIR / "models" / "checkpoints" / sd15_checkpoint)
+    return str(MODELS_DIR / "checkpoints" / sd15_checkpoint)
 
 
 @pytest.fixture(scope="module")
 def encode_once():
     """The module's precompute runs load the checkpoint once and encode each caption once
     (loading and CLIP on the CPU are most of a run's time; both are deterministic)."""
-    import training.models as models
-    import training.step as step
+    import training.models.load as models
+    import training.models.text_cache as step
 
     real, loaded, texts = models.load_models, {}, {}
 
@@ -57,8 +57,8 @@ def encode_once():
 def built(tmp_path_factory, checkpoint, encode_once) -> dict:
     """Parts 0/2 and 1/2, each precomputed on its own (as on two machines), and the
     one-process build of the same people precomputed after: the reference."""
-    from training.build import DatasetBuilder
-    from training.precompute import precompute
+    from training.build.builder import DatasetBuilder
+    from training.build.precompute import precompute
 
     root = tmp_path_factory.mktemp("merge-precomputed")
     people = make_people(root / "people", PEOPLE)
@@ -86,8 +86,8 @@ def file_content(path: Path):
 def stored_inputs(dataset: Path, checkpoint: str) -> dict[str, tuple]:
     """Per sample key: (sample digest, latent, text encoding, empty-caption encoding), read with
     the trainer's own lookup (Precomputed.open runs every staleness check first)."""
-    from training.precompute import Precomputed, sample_digest
-    from training.shards import ShardReader
+    from training.dataset.precomputed import Precomputed, sample_digest
+    from training.dataset.shards import ShardReader
 
     reader = ShardReader(dataset)
     try:
@@ -106,8 +106,8 @@ def stored_inputs(dataset: Path, checkpoint: str) -> dict[str, tuple]:
 
 def test_parts_precomputed_then_merged_equal_merged_then_precomputed(built, checkpoint, tmp_path):
     from test_training_build_scale import assert_same_dataset
-    from training.merge import merge_parts
-    from training.precompute import FOLDER, MANIFEST
+    from training.build.merge import merge_parts
+    from training.dataset.precomputed import FOLDER, MANIFEST
 
     parts, reference = built["parts"], built["reference"]
     out = tmp_path / "merged"
@@ -150,8 +150,8 @@ def test_parts_precomputed_then_merged_equal_merged_then_precomputed(built, chec
 def test_a_part_without_precomputed_inputs_merges_without_them_and_says_what_to_run(built, checkpoint, tmp_path,
                                                                                       capsys):
     from training.__main__ import main
-    from training.merge import merge_parts
-    from training.precompute import FOLDER, MANIFEST
+    from training.build.merge import merge_parts
+    from training.dataset.precomputed import FOLDER, MANIFEST
 
     part0, part1 = built["parts"]
     bare = tmp_path / "part1-bare"

@@ -81,12 +81,14 @@ def test_dip_trainer_node_trains_continues_and_saves_into_models(pack_modules, i
                   recognizer=RECOGNIZER)
     target = None
     try:
-        curve, name = node.execute(steps=2, **common).args
+        curve, name, report = node.execute(steps=2, **common).args
+        assert report == f"run_name '{run_name}': step 2 (new run); weight file {name}"
         target = folder_paths.get_full_path("portraitbooth", name)
         assert name == f"{run_name}.safetensors" and target is not None
         assert curve.shape[0] == 1 and curve.shape[-1] == 3 and float(curve.std()) > 0
         assert load_portraitbooth(target).info.training["steps"] == 2
-        _, name = node.execute(steps=3, overwrite=True, **common).args  # same run: continues at step 2
+        _, name, report = node.execute(steps=3, overwrite=True, **common).args  # same run: continues at step 2
+        assert report == f"run_name '{run_name}': step 3 (continued from step 2); weight file {name}"
         assert load_portraitbooth(target).info.training["steps"] == 3
         steps = [line for line in open(os.path.join(run_dir, "metrics.jsonl"))]
         assert len(steps) == 3  # steps 1, 2, then only 3: nothing was trained twice
@@ -162,14 +164,17 @@ def test_overwrite_refused_then_allowed_and_resume_checks_saved_settings(pack_mo
                                                   r"exists.*turn on overwrite"):
             node.execute(**_common("", name))
         assert open(target, "rb").read() == b"someone else's model" and not os.path.exists(run_dir)
-        _, written = node.execute(**_common("", name), overwrite=True).args
+        _, written, _ = node.execute(**_common("", name), overwrite=True).args
         assert written == f"{name}.safetensors" and load_portraitbooth(target).info.training["steps"] == 1
         assert os.path.isdir(os.path.join(run_dir, "checkpoints"))  # the run folder is the output name's
-        with pytest.raises(ValueError, match=r"^run_name '.*': .*other settings \(lora_rank 4 -> 8; lora_alpha "
-                                             r"4.0 -> 8.0\).*another run name"):
-            node.execute(**_common("", name, steps=2, lora_rank=8), overwrite=True)
-        with pytest.raises(ValueError, match=r"other settings \(mode 'lora' -> 'frozen'\)"):
-            node.execute(**_common("", name, steps=2, mode="frozen"), overwrite=True)
+        # Said before the weight file's own check: overwrite would start this run over.
+        with pytest.raises(ValueError, match=r"^run_name '.*': this run was trained with other settings, so it "
+                                             r"cannot continue with these: lora_rank 4 -> 8; lora_alpha 4.0 -> 8.0 "
+                                             r"\(recorded -> now\).*another output_name.*turn on overwrite to start "
+                                             r"this run over"):
+            node.execute(**_common("", name, steps=2, lora_rank=8))
+        with pytest.raises(ValueError, match=r"mode 'lora' -> 'frozen' \(recorded -> now\)"):
+            node.execute(**_common("", name, steps=2, mode="frozen"))
         newest = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))[-1]
         with open(os.path.join(run_dir, "checkpoints", newest), "wb") as f:
             f.write(b"not a checkpoint")

@@ -15,7 +15,7 @@ from training_fixtures import steps_with_identity_loss, train_config
 
 @pytest.fixture(scope="module")
 def trainer(sd15_checkpoint, dataset_dir, tmp_path_factory):
-    from training.trainer import Trainer
+    from training.run.trainer import Trainer
 
     t = Trainer(train_config(dataset_dir, tmp_path_factory.mktemp("run")))
     yield t
@@ -32,7 +32,7 @@ def identity_batch(trainer, positions=(0, 1), timesteps=(100, 200)):
 
 def test_recipe_draws_modes_timesteps_and_masked_noise():
     from training.config import TrainConfig
-    from training.data import IDENTITY, TEXT_ONLY, UNCOND, draw, micro_positions
+    from training.run.data import IDENTITY, TEXT_ONLY, UNCOND, draw, micro_positions
 
     cfg = TrainConfig()
     draws = [draw(p, cfg, (8, 8)) for p in range(4000)]
@@ -63,7 +63,7 @@ def test_every_loss_term_is_finite_and_nonzero(trainer):
 
 
 def test_text_only_and_unconditional_samples_add_no_identity_terms(trainer):
-    from training.data import TEXT_ONLY, UNCOND
+    from training.run.data import TEXT_ONLY, UNCOND
 
     batch = identity_batch(trainer)
     batch.modes = torch.tensor([TEXT_ONLY, UNCOND])
@@ -112,8 +112,8 @@ def test_nan_guard_skips_the_step_and_reports_it(trainer, monkeypatch):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(sd15_checkpoint, dataset_dir, tmp_path):
-    from training.models import enable_gradient_checkpointing
-    from training.trainer import Trainer
+    from training.models.load import enable_gradient_checkpointing
+    from training.run.trainer import Trainer
 
     t = Trainer(train_config(dataset_dir, tmp_path, mode="full"))
     try:
@@ -138,9 +138,9 @@ def test_total_loss_goes_down_and_everything_is_logged(sd15_checkpoint, dataset_
     """At the recipe's own R_t = 250 and text-only/unconditional shares: L_id is logged on
     exactly the steps that drew an identity sample with t <= 250 and on no other."""
     from training.config import TrainConfig
-    from training.data import IDENTITY, TEXT_ONLY, UNCOND, draw, micro_positions
-    from training.metrics import read_metrics
-    from training.trainer import Trainer
+    from training.run.data import IDENTITY, TEXT_ONLY, UNCOND, draw, micro_positions
+    from training.run.metrics import read_metrics
+    from training.run.trainer import Trainer
 
     t = Trainer(train_config(dataset_dir, tmp_path, steps=10, validate_every=10, validation_steps=2,
                              tensorboard=True, save_every=5, keep_last=1, ema_decay=0.9))
@@ -205,10 +205,11 @@ def ceil8(value: float) -> int:
 
 
 def test_dip_on_the_face_window_agrees_with_a_full_decode(sd15_checkpoint, people_dir, train_encoder, tmp_path):
-    from training.build import BuildSettings, DatasetBuilder
-    from training.face_crops import CropSettings
+    from training.build.settings import BuildSettings
+    from training.build.builder import DatasetBuilder
+    from training.build.face_crops import CropSettings
     from portraitbooth_core.dip.identity_loss import face_windows
-    from training.trainer import Trainer
+    from training.run.trainer import Trainer
 
     settings = BuildSettings(CropSettings(resolution=128, crop_scale=4.0), caption_template="a photo of a {word}")
     DatasetBuilder(people_dir, tmp_path / "data", train_encoder, settings, progress=False).build()

@@ -5,11 +5,14 @@ import json
 import os
 import shutil
 
-from conftest import COMFY_DIR, TEST_CHECKPOINT
+import pytest
+
+from conftest import MODELS_DIR, TEST_CHECKPOINT
 from training_fixtures import *  # noqa: F401,F403
 from training_fixtures import steps_with_identity_loss
 
 
+@pytest.mark.slow  # own server and a training run: ~10 s
 def test_dip_trainer_graph_trains_and_writes_a_loadable_model(start_server, dataset_dir, sd15_checkpoint,
                                                               recognizer_pack):
     from portraitbooth_core.weights.file import load_portraitbooth
@@ -20,7 +23,7 @@ def test_dip_trainer_graph_trains_and_writes_a_loadable_model(start_server, data
     # without the identity loss's recognizer unless id_weight=0 is set)
     shutil.copytree(recognizer_pack, server.input_dir / "packs" / recognizer_pack.name, dirs_exist_ok=True)
     name = f"server_test_{os.getpid()}"
-    target = COMFY_DIR / "models" / "portraitbooth" / f"{name}.safetensors"
+    target = MODELS_DIR / "portraitbooth" / f"{name}.safetensors"
     graph = {
         "1": {"class_type": "PortraitBoothDIPTrainer", "inputs": {
             "ckpt_name": TEST_CHECKPOINT, "dataset": "faces", "run_name": name, "output_name": name,

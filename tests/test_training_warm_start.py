@@ -1,4 +1,4 @@
-"""Warm start from FastComposer (training/warm_start.py): init_unet loads exactly the
+"""Warm start from FastComposer (training/models/warm_start.py, training/run/stage0.py): init_unet loads exactly the
 imported UNet and refuses files of another family or shape; stage 0 fits the PortraitBooth
 projector to FastComposer's fused class token, so its tokens match the teacher's on photos
 it never saw; the export records the warm start and reproduces the trained UNet on the
@@ -6,7 +6,7 @@ base checkpoint; a teacher that is not FastComposer's projector is refused by na
 
 The release is the FastComposer stand-in whose UNet has the test checkpoint's layout,
 imported with the real importer (fp16, as by default). The data is the evidence run's
-synthetic world (training/evidence): 6 identities x 8 renderings, 64 px, references
+synthetic world (evidence/): 6 identities x 8 renderings, 64 px, references
 encoded by its ArcFace-format recognizer.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ STAGE0_STEPS = 200
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory) -> dict[str, Path]:
     from standins.fastcomposer import ONE_LEVEL_UNET, build_fastcomposer_release
-    from training import fastcomposer as fc
+    from portraitbooth_core.weights.formats import fastcomposer as fc
 
     from headless import comfyui as host
 
@@ -45,7 +45,7 @@ def imported(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from training.evidence import dataset, world as w
+    from evidence import dataset, world as w
 
     root = tmp_path_factory.mktemp("world")
     recognizer_path = w.build_recognizer_onnx(root / "recognizer.onnx", 0)
@@ -62,8 +62,8 @@ def world(tmp_path_factory):
 def warm_run(sd15_checkpoint, imported, world, tmp_path_factory):
     """One LoRA run warm-started from the import: the UNet as loaded, stage 0's summary and
     projector, then one training step and its export."""
-    from training.trainer import Trainer
-    from training.warm_start import before_training
+    from training.run.trainer import Trainer
+    from training.run.stage0 import before_training
 
     out = tmp_path_factory.mktemp("run")
     config = train_config(world.data, out, mode="lora", id_weight=0.0, steps=1, init_unet=str(imported["unet"]),
@@ -93,10 +93,10 @@ def _tensors(path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def test_init_unet_loads_exactly_the_imported_weights(warm_run, imported, sd15_checkpoint):
-    from conftest import COMFY_DIR
+    from conftest import MODELS_DIR
 
     imported_unet, _ = _tensors(imported["unet"])
-    checkpoint, _ = _tensors(COMFY_DIR / "models" / "checkpoints" / sd15_checkpoint)
+    checkpoint, _ = _tensors(MODELS_DIR / "checkpoints" / sd15_checkpoint)
     assert set(warm_run.loaded) == set(imported_unet)
     for key, tensor in imported_unet.items():
         assert torch.equal(warm_run.loaded[key], tensor.float()), key  # fp16 file -> fp32 UNet, bit-exact
@@ -115,7 +115,7 @@ def test_init_unet_refuses_other_families_shapes_and_files(imported, tmp_path):
     from safetensors.torch import save_file
 
     from standins.sd15 import SD15_TINY_UNET, build_portraitbooth_file
-    from training.warm_start import InitUnetError, load_init_unet
+    from training.models.warm_start import InitUnetError, load_init_unet
 
     unet = UNetModel(**SD15_TINY_UNET, dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init)
     good, _ = _tensors(imported["unet"])
@@ -211,7 +211,7 @@ def test_stage0_fits_the_teacher_tokens_on_photos_it_never_saw(warm_run, importe
 
 
 def test_export_records_the_warm_start_and_reproduces_the_trained_unet(warm_run, imported, sd15_checkpoint):
-    from conftest import COMFY_DIR
+    from conftest import MODELS_DIR
 
     from portraitbooth_core.weights.file import read_info
 
@@ -222,7 +222,7 @@ def test_export_records_the_warm_start_and_reproduces_the_trained_unet(warm_run,
     assert info.source["warm_start"]["model"] == "FastComposer" and info.source["warm_start"]["license"] == "MIT"
     assert info.unet_patch["format"] == "diff"  # not a LoRA: it would be applied to the checkpoint's UNet
     patch, _ = _tensors(warm_run.weights)
-    checkpoint, _ = _tensors(COMFY_DIR / "models" / "checkpoints" / sd15_checkpoint)
+    checkpoint, _ = _tensors(MODELS_DIR / "checkpoints" / sd15_checkpoint)
     # checkpoint + diff = the imported UNet with the trained LoRA folded in (fp16 diffs)
     trained = warm_run.trained
     key = next(iter(trained["lora"]))
@@ -241,7 +241,7 @@ def test_stage0_refuses_a_teacher_that_is_not_fastcomposers_projector(imported, 
     from standins.sd15 import build_portraitbooth_file
     from training.__main__ import main as cli
     from training.config import load_config
-    from training.warm_start import TeacherError, load_teacher
+    from training.models.warm_start import TeacherError, load_teacher
 
     mlp = build_portraitbooth_file(tmp_path / "portraitbooth_mlp.safetensors", face_kind="arcface:x", face_dim=512)
     with pytest.raises(TeacherError, match="holds a 'portraitbooth_mlp' projector, not FastComposer's "
@@ -261,10 +261,10 @@ def test_stage0_refuses_a_teacher_that_is_not_fastcomposers_projector(imported, 
 
 
 def test_evidence_compares_runs_on_smoothed_margins():
-    """The evidence's warm-start check (training/evidence/warm.py) on made-up trajectories:
+    """The evidence's warm-start check (evidence/warm.py) on made-up trajectories:
     margins are averaged over the last 3 measurements, the target is the cold run's final
     smoothed margin, and the warm run must get there within a third of the cold run's steps."""
-    from training.evidence import warm
+    from evidence import warm
 
     cold = {"0": 0.0, "100": 0.02, "200": 0.15, "300": 0.04, "400": 0.10, "500": 0.11, "600": 0.12}
     assert warm.smoothed(cold)["200"] == pytest.approx(0.17 / 3)
@@ -294,7 +294,7 @@ def test_a_clip_vision_name_read_from_the_teacher_file_stays_inside_clip_vision(
     written, so it is one plain name looked up inside clip_vision/, never a path as written."""
     from types import SimpleNamespace
 
-    from training.warm_start import TeacherError, teacher_clip_vision_path
+    from training.models.warm_start import TeacherError, teacher_clip_vision_path
 
     secret = tmp_path / "secret.safetensors"
     secret.write_bytes(b"not for the teacher")

@@ -39,8 +39,8 @@ def test_readme_word_tables_match_the_vocabulary_module():
 
 
 def test_captions_weight_files_and_the_ecac_node_take_their_words_from_the_vocabulary(pack_nodes):
-    from training.build import BuildSettings
-    from training.captions import normalize_class_word
+    from training.build.settings import BuildSettings
+    from training.build.captions import normalize_class_word
     from portraitbooth_core.weights.meta import PortraitBoothInfo
 
     assert BuildSettings().synonyms == {k: list(v) for k, v in CLASS_WORDS.items()}
@@ -76,7 +76,7 @@ def test_the_index_records_which_synonyms_the_captions_used(dataset_dir):
 
 @pytest.fixture(scope="module")
 def boy_lady_dataset(tmp_path_factory, people_dir, train_encoder):
-    from training.build import DatasetBuilder
+    from training.build.builder import DatasetBuilder
 
     src = tmp_path_factory.mktemp("boy_lady")
     shutil.copytree(people_dir / "obama", src / "obama")
@@ -89,7 +89,7 @@ def boy_lady_dataset(tmp_path_factory, people_dir, train_encoder):
 
 
 def test_a_dataset_captioned_boy_and_lady_exports_those_words(boy_lady_dataset, sd15_checkpoint, tmp_path):
-    from training.trainer import Trainer
+    from training.run.trainer import Trainer
     from portraitbooth_core.weights.file import load_portraitbooth
 
     index = json.loads((boy_lady_dataset / "index.json").read_text())
@@ -113,7 +113,7 @@ def apply_stea(pack_nodes, sd15_parts):
 
 
 def test_apply_stea_accepts_a_photo_of_a_boy_with_a_model_whose_captions_said_boy(apply_stea, tmp_path):
-    from training.export import class_words
+    from training.run.export import class_words
     from portraitbooth_core.stea.class_words import ClassWordError
     from portraitbooth_core.weights.file import load_portraitbooth
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COMFY_DIR, TEST_CHECKPOINT
+from conftest import MODELS_DIR, TEST_CHECKPOINT
 from standins_face import build_arcface_onnx
 
 RESOLUTION = 64  # 8x8 latents: small enough for CPU tests, large enough for 5-point face crops
@@ -40,7 +40,7 @@ def recognizer_pack(tmp_path_factory) -> Path:
     pack = tmp_path_factory.mktemp("insightface") / "standin"
     build_arcface_onnx(pack / "w600k_r50.onnx")
     # Datasets record the recognizer by pack + file name; the command-line trainer finds the
-    # pack in the folders this variable lists (training/shards.py: default_recognizer_roots).
+    # pack in the folders this variable lists (training/dataset/shards.py: default_recognizer_roots).
     os.environ["PORTRAITBOOTH_RECOGNIZER_DIRS"] = str(pack.parent)
     return pack
 
@@ -58,8 +58,8 @@ def people_dir(tmp_path_factory, photos_dir) -> Path:
 
 
 def build_settings(**overrides):
-    from training.build import BuildSettings
-    from training.face_crops import CropSettings
+    from training.build.settings import BuildSettings
+    from training.build.face_crops import CropSettings
 
     return BuildSettings(CropSettings(resolution=RESOLUTION), caption_template="a photo of a {word}",
                          **overrides)
@@ -67,7 +67,7 @@ def build_settings(**overrides):
 
 @pytest.fixture(scope="session")
 def dataset_dir(tmp_path_factory, people_dir, train_encoder) -> Path:
-    from training.build import DatasetBuilder
+    from training.build.builder import DatasetBuilder
 
     out = tmp_path_factory.mktemp("dataset")
     DatasetBuilder(people_dir, out, train_encoder, build_settings(shard_size=2), progress=False).build()
@@ -82,7 +82,7 @@ def train_config(dataset: Path, output: Path, **overrides):
     (test_training_run.py: test_total_loss_goes_down_and_everything_is_logged checks 10 such steps)."""
     from training.config import load_config
 
-    base = {"checkpoint": str(COMFY_DIR / "models" / "checkpoints" / TEST_CHECKPOINT), "dataset": str(dataset),
+    base = {"checkpoint": str(MODELS_DIR / "checkpoints" / TEST_CHECKPOINT), "dataset": str(dataset),
             "output": str(output), "steps": 2, "micro_batch": 2, "lr": 1e-3,
             "save_every": 1000, "lora_rank": 4, "lora_alpha": 4.0}
     return load_config(None, {**base, **overrides})
@@ -92,7 +92,7 @@ def steps_with_identity_loss(config, steps: int, world: int = 1) -> list[bool]:
     """Per step (from the first): whether its global batch drew an identity sample with
     t <= R_t, i.e. whether L_id must be logged, from the recipe's draws alone (they depend
     on the seed and the sample position, not on the dataset or the trainer)."""
-    from training.data import IDENTITY, draw, micro_positions
+    from training.run.data import IDENTITY, draw, micro_positions
 
     def dip(position: int) -> bool:
         d = draw(position, config, (1, 1))  # mode and t are drawn before the noise: its size does not matter

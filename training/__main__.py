@@ -19,8 +19,9 @@ from pathlib import Path
 
 
 def _build(args) -> int:
-    from .build import BuildSettings, BuildStateError, DatasetBuilder, EncoderSpec, format_report
-    from .face_crops import CropSettings
+    from .build.settings import BuildSettings, BuildStateError, EncoderSpec
+    from .build.builder import DatasetBuilder, format_report
+    from .build.face_crops import CropSettings
 
     try:
         captions = _caption_options(args)
@@ -45,8 +46,8 @@ def _build(args) -> int:
 
 
 def _merge(args) -> int:
-    from .build import format_report
-    from .merge import MergeError, merge_parts
+    from .build.builder import format_report
+    from .build.merge import MergeError, merge_parts
 
     try:
         report = merge_parts(args.output, args.parts, overwrite=args.overwrite)
@@ -61,9 +62,9 @@ def _merge(args) -> int:
 def _caption_options(args) -> dict:
     """Class-word table, caption source and captioner of a build, checked before any face
     is analyzed (a wrong folder fails now, not after hours)."""
-    from .captioner import check_captioner_spec
-    from .captions import load_class_synonyms
-    from .celebv_text import SOURCE_PREFIX, is_celebv_text_root, load_caption_source
+    from .build.captioner import check_captioner_spec
+    from .build.captions import load_class_synonyms
+    from .build.celebv_text import SOURCE_PREFIX, is_celebv_text_root, load_caption_source
 
     settings: dict = {}
     if args.class_synonyms:
@@ -93,10 +94,13 @@ def _config(args):
 
 
 def _train(args) -> int:
-    from . import distributed as D
-    from .dip_check import IdentityLossError
-    from .trainer import Trainer
-    from .warm_start import WarmStartError, check_settings
+    from .run import distributed as D
+    from portraitbooth_core.weights.finite import NonFiniteWeightsError
+
+    from .run.dip_check import IdentityLossError
+    from .run.trainer import Trainer
+    from .models.warm_start import WarmStartError
+    from .run.stage0 import check_settings
 
     config = _config(args)
     try:
@@ -106,14 +110,31 @@ def _train(args) -> int:
         return 2
     dist = D.setup(args.device)
     try:
+        # An existing run continues only with its own settings (run/ownership.py). Every rank
+        # reads the folder before rank 0 changes it, so all refuse or all go on.
+        from .run.ownership import inspect_run
+
+        claim = inspect_run(config, world=dist.world)
+        D.barrier(dist)
+        refusal = claim.refusal(args.overwrite, "cli")
+        if refusal:
+            print(f"error: --output {config.output}: {refusal}", file=sys.stderr)
+            return 2
+        if dist.main:
+            for note in claim.apply(args.overwrite):
+                print(f"[train] {note}")
+        D.barrier(dist)
         try:
             trainer = Trainer(config, dist)
         except (IdentityLossError, WarmStartError) as exc:  # the dataset cannot feed L_id, ...: the fix, not a traceback
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if dist.main:
+            claim.record()
         try:
             path = trainer.run()
-        except WarmStartError as exc:  # stage 0's data (e.g. a CLIP vision file of another width)
+        except (WarmStartError, NonFiniteWeightsError) as exc:  # stage 0's data (e.g. a CLIP vision file of
+            # another width), or weights that diverged (export names them and the setting)
             print(f"error: {exc}", file=sys.stderr)
             trainer.close()
             return 2
@@ -126,10 +147,12 @@ def _train(args) -> int:
 
 
 def _export(args) -> int:
-    from .checkpoint import load_latest
+    from portraitbooth_core.weights.finite import NonFiniteWeightsError
+
+    from .run.checkpoint import load_latest
     from .config import apply_overrides
-    from .export import export
-    from .trainer import Trainer
+    from .run.export import export
+    from .run.trainer import Trainer
 
     config = _config(args)
     found = load_latest(Path(config.output) / "checkpoints")
@@ -139,14 +162,18 @@ def _export(args) -> int:
     if trainer.resumed_from is None:
         print(f"no checkpoint under {Path(trainer.config.output) / 'checkpoints'}", file=sys.stderr)
         return 1
-    print(f"[export] {export(trainer, args.out)} (from {trainer.resumed_from})")
+    try:
+        print(f"[export] {export(trainer, args.out)} (from {trainer.resumed_from})")
+    except NonFiniteWeightsError as exc:  # the tensors and the likely setting, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
 def _precompute(args) -> int:
     import torch
 
-    from .precompute import precompute
+    from .build.precompute import precompute
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     report = precompute(args.dataset, args.model, device, batch_size=args.batch_size, dtype=args.dtype)
@@ -156,7 +183,8 @@ def _precompute(args) -> int:
 
 
 def _import_fastcomposer(args) -> int:
-    from .fastcomposer import FastComposerImportError, format_report, import_fastcomposer
+    from portraitbooth_core.weights.formats.fastcomposer import (FastComposerImportError, format_report,
+                                                                 import_fastcomposer)
 
     try:
         report = import_fastcomposer(args.path, args.models, overwrite=args.overwrite, dtype=args.dtype, name=args.name)
@@ -225,6 +253,10 @@ def parser() -> argparse.ArgumentParser:
         t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train")
         if name == "export":
             t.add_argument("--out", help="weight file path (default <output>/<export_name>)")
+        else:
+            t.add_argument("--overwrite", action="store_true",
+                           help="start the run in --output over when it was trained with other settings "
+                                "(deletes its checkpoints and logs); without it such a run is refused")
     pc = sub.add_parser("precompute", help="VAE latents + text encodings of a dataset, so training steps skip those encodes")
     pc.add_argument("dataset", help="dataset folder (or fsspec URL) written by `python -m training build`")
     pc.add_argument("--model", required=True, help="the SD1.5 checkpoint you will train from (its VAE and text encoder)")
@@ -245,11 +277,17 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from .comfy_env import import_comfyui
+    from headless.comfyui import find_comfyui, import_comfyui
 
-    import_comfyui(cpu=True if getattr(args, "device", "auto") == "cpu" else None)
-    return {"build": _build, "merge": _merge, "train": _train, "export": _export, "precompute": _precompute,
-            "import-fastcomposer": _import_fastcomposer}[args.command](args)
+    import_comfyui(cpu=True if getattr(args, "device", "auto") == "cpu" else None, path=find_comfyui())
+    from .config import SettingError
+
+    try:
+        return {"build": _build, "merge": _merge, "train": _train, "export": _export, "precompute": _precompute,
+                "import-fastcomposer": _import_fastcomposer}[args.command](args)
+    except SettingError as exc:  # a --config/--set value outside its range (config.LIMITS): the fix, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -34,7 +34,11 @@ from typing import Any
 
 import torch
 
-from ..weights.family import read_safetensors_header, safetensors_expected_size
+from ..atomic_files import write_bytes_atomic
+from ..bounded_json import load_json_bytes
+from ..paths import BadInputError
+from ..weights.finite import describe_names, non_finite_names
+from ..weights.safetensors_header import SafetensorsHeaderError, TruncatedSafetensorsError, read_header
 from .errors import FaceAnalysisError
 from .types import Identity
 
@@ -111,15 +115,7 @@ def save_identity(path: str | os.PathLike, identity: Identity, per_photo_embeddi
             return path, False
         raise IdentityFileError(f"{source} already exists in {path.parent} and holds another identity; choose "
                                 f"another name or turn on overwrite to replace it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)  # left by a crash: "xb" below then never writes through a planted link
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(path, data)  # a fresh temp file (never a planted link), the umask's mode
     return path, True
 
 
@@ -160,14 +156,12 @@ def read_identity_header(path: str | os.PathLike) -> tuple[dict, dict[str, tuple
     if not os.path.isfile(path):
         raise IdentityFileError(f"identity file not found: {source}")
     try:
-        shapes, metadata = read_safetensors_header(path)
-        expected = safetensors_expected_size(path)
-    except (ValueError, AttributeError, KeyError, TypeError, OSError) as exc:
-        raise IdentityFileError(f"{source} is corrupt or not a safetensors file ({exc}). Save the identity "
-                                f"again.") from None
-    actual = os.path.getsize(path)
-    if actual < expected:
-        raise IdentityFileError(f"{source} is truncated: {actual} of {expected} bytes; copy or save it again.")
+        file_header = read_header(path)
+    except TruncatedSafetensorsError as exc:
+        raise IdentityFileError(f"{exc}; copy or save it again.") from None
+    except SafetensorsHeaderError as exc:
+        raise IdentityFileError(f"{exc}. Save the identity again.") from None
+    shapes, metadata = file_header.shapes, file_header.metadata
     if METADATA_KEY not in metadata:
         what = ("a PortraitBooth model file (put it in models/portraitbooth and use Load PortraitBooth Model)"
                 if "portraitbooth" in metadata else "a safetensors file without identity metadata")
@@ -176,10 +170,10 @@ def read_identity_header(path: str | os.PathLike) -> tuple[dict, dict[str, tuple
     raw = metadata[METADATA_KEY]
     if not isinstance(raw, str) or len(raw) > MAX_HEADER:
         raise IdentityFileError(f"{source}: its identity metadata is not a JSON text of sane size.")
-    try:
-        header = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise IdentityFileError(f"{source}: its identity metadata is not valid JSON ({exc}).") from None
+    try:  # size and nesting bounded before parsing: a deep "metadata" is a message, not a RecursionError
+        header = load_json_bytes(raw, f"{source}: its identity metadata", MAX_HEADER)
+    except BadInputError as exc:
+        raise IdentityFileError(f"{exc} Identity files are written by Save Identity.") from None
     if not isinstance(header, dict):
         raise IdentityFileError(f"{source}: its identity metadata is not a JSON object.")
     _check_header(header, shapes, source)
@@ -215,6 +209,10 @@ def _check_header(h: dict, shapes: dict[str, tuple[int, ...]], source: str) -> N
                             f"{'an object' if kind is dict else 'a list'}{' or null' if nullable else ''}")
     if isinstance(h["photos"], list) and not all(isinstance(p, str) for p in h["photos"]):
         problems.append("photos holds something other than names")
+    weights = h["combine"].get("weights") if isinstance(h["combine"], dict) else None
+    if weights is not None and not (isinstance(weights, list) and all(  # shown as numbers by describe_identity_file
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)):
+        problems.append(f"combine's weights are {str(weights)[:80]}, expected a list of finite numbers or null")
     if problems:
         raise IdentityFileError(f"{source}: malformed identity metadata: {'; '.join(problems)}.")
     known = _fields()
@@ -266,13 +264,18 @@ def load_identity(path: str | os.PathLike) -> Identity:
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise IdentityFileError(f"{source} could not be read ({exc}); save the identity again.") from None
+        # The error's type only: a parser's message can quote bytes or offsets of the file.
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise IdentityFileError(f"{source} could not be read ({why}); save the identity again.") from None
     for name in ("vector", "embeddings"):
         t = tensors.get(name)
-        if t is not None and (t.dtype != torch.float32 or not bool(torch.isfinite(t).all())):
-            raise IdentityFileError(f"{source}: tensor {name} is {t.dtype}"
-                                    f"{'' if t.dtype != torch.float32 else ' with non-finite values'}; "
-                                    f"expected finite float32. Save the identity again.")
+        if t is not None and t.dtype != torch.float32:
+            raise IdentityFileError(f"{source}: tensor {name} is {t.dtype}; expected float32. Save the identity "
+                                    f"again.")
+    bad = non_finite_names(tensors)  # every tensor field, not only the vector
+    if bad:
+        raise IdentityFileError(f"{source}: tensor(s) {describe_names(bad)} hold non-finite values (NaN or "
+                                f"infinity); analyse the photos again and save a new identity file.")
     vector = tensors["vector"]
     meta = dict(header["metadata"])
     for key, meta_key in NAMED.items():

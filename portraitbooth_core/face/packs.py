@@ -52,6 +52,13 @@ def _pack_dir(folder: Path) -> Path:
     return folder
 
 
+def pack_onnx_files(folder: str | os.PathLike) -> list[Path]:
+    """The *.onnx files inspect_pack(folder) opens (itself or its one nested folder), so a
+    caller can check each of them (e.g. where its symlinks lead) before they are loaded."""
+    folder = Path(folder)
+    return _onnx_files(_pack_dir(folder)) if folder.is_dir() else []
+
+
 def find_packs(roots: list[str | os.PathLike]) -> dict[str, Path]:
     """Pack name -> folder, for every <root>/models/<pack>/ holding *.onnx files."""
     packs: dict[str, Path] = {}

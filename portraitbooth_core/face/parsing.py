@@ -107,8 +107,10 @@ def announce_fallback(where: str) -> str:
 
 def announce_unreadable(path: str | os.PathLike, exc: BaseException) -> str:
     """Log (and return for the report) that a parsing weight file could not be loaded."""
-    first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-    msg = (f"face masks: {os.fspath(path)} could not be loaded ({type(exc).__name__}: {first}); using an ellipse "
+    # Only the error's type: torch's unpickler quotes bytes of the file ("invalid load key, 'r'",
+    # "Unsupported operand 149"), and a message must not show what a file holds.
+    msg = (f"face masks: {os.fspath(path)} could not be loaded ({type(exc).__name__}: not facexlib's BiSeNet "
+           f"state dict, or damaged); using an ellipse "
            f"from the face box and landmarks instead of face parsing. Replace the file with facexlib's "
            f"{PARSING_WEIGHTS} to get parsing masks.")
     log.warning("[PortraitBooth] %s", msg)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .projector import ProjectorConfig
+from .projector_config import ProjectorConfig
 
 POSTFUSE_KIND = "fastcomposer_postfuse"
 

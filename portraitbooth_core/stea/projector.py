@@ -7,48 +7,13 @@ word's positions in a tokenized prompt is `class_words`'s job.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class ProjectorConfig:
-    """Everything needed to rebuild the projector; stored in the weight file's metadata."""
-
-    text_dim: int = 768   # CLIP-L hidden size (SD1.5)
-    face_dim: int = 512   # ArcFace; 128 for dlib; 768 for FastComposer's CLIP image embedding
-    hidden_dim: int = 1024
-    # Which network: PROJECTOR_KINDS. Files written before the field existed hold
-    # PortraitBooth's MLP, hence the default.
-    kind: str = "portraitbooth_mlp"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ProjectorConfig":
-        kind = str(data.get("kind", "portraitbooth_mlp"))
-        if kind not in PROJECTOR_KINDS:
-            raise UnknownProjectorKindError(kind)
-        return cls(**{k: int(data[k]) for k in ("text_dim", "face_dim", "hidden_dim")}, kind=kind)
-
-
-# kind -> what it is; build_projector makes the module for each.
-PROJECTOR_KINDS = {
-    "portraitbooth_mlp": "PortraitBooth STEA MLP (face-recognizer embedding)",
-    "fastcomposer_postfuse": "FastComposer postfuse MLP (CLIP ViT-L/14 image embedding)",
-}
-
-
-class UnknownProjectorKindError(ValueError):
-    """A weight file names a projector network this version of the pack does not have."""
-
-    def __init__(self, kind: str):
-        self.kind = kind
-        super().__init__(f"projector kind '{kind}' is not one this pack knows ({', '.join(PROJECTOR_KINDS)})")
+from .postfuse import FastComposerPostfuse
+from .projector_config import PROJECTOR_KINDS, ProjectorConfig, UnknownProjectorKindError  # noqa: F401 - re-exported
 
 
 def build_projector(config: ProjectorConfig) -> nn.Module:
@@ -57,9 +22,11 @@ def build_projector(config: ProjectorConfig) -> nn.Module:
     if config.kind == "portraitbooth_mlp":
         return STEAProjector(config)
     if config.kind == "fastcomposer_postfuse":
-        from .postfuse import FastComposerPostfuse
-
         return FastComposerPostfuse(config)
+    if config.kind in ("photomaker_v1", "photomaker_v2"):  # SDXL; not for splice_identity: see stea.photomaker
+        from .photomaker import build_photomaker_head
+
+        return build_photomaker_head(config)
     raise UnknownProjectorKindError(config.kind)
 
 

@@ -6,9 +6,9 @@ Loaded models and conditionings: the text-context width tells the family.
 """
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
+
+from .safetensors_header import read_header
 
 UNET = "model.diffusion_model."
 SD15_CONTEXT = 768
@@ -47,29 +47,11 @@ def require_sd15(context_dim: int | None, what: str, fix: str = "") -> None:
                            + (f": {fix}" if fix else "."))
 
 
-def _raw_header(path: str | Path) -> tuple[int, dict]:
-    """(header length, parsed header JSON) of a .safetensors file; ValueError if it is none."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file: it is shorter than 8 bytes.")
-        (size,) = struct.unpack("<Q", raw)
-        if size > 100_000_000:
-            raise ValueError(f"{path} is not a safetensors file: its header length ({size}) is implausible.")
-        try:
-            header = json.loads(f.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path} is not a safetensors file or is corrupt: {exc}") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} is not a safetensors file: its header is not a JSON object.")
-    return size, header
-
-
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """(tensor name -> shape, metadata) from a .safetensors file's header."""
-    _, header = _raw_header(path)
-    metadata = header.pop("__metadata__", {}) or {}
-    return {k: tuple(v["shape"]) for k, v in header.items()}, metadata
+    """(tensor name -> shape, metadata) from a .safetensors file's header (no size check;
+    `read_header` from safetensors_header.py also refuses a truncated file)."""
+    header = read_header(path, complete=False)
+    return header.shapes, header.metadata
 
 
 def family_from_shapes(shapes: dict[str, tuple[int, ...]], prefix: str = UNET) -> str:
@@ -99,8 +81,6 @@ def safetensors_expected_size(path: str | Path) -> int:
     """The byte size a complete .safetensors file with this header must have.
 
     Comparing it with the real size tells a truncated download from other corruption
-    before any tensor is read.
+    before any tensor is read. New code: `read_header(path)` makes that check itself.
     """
-    size, header = _raw_header(path)
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    return 8 + size + max(ends, default=0)
+    return read_header(path, complete=False).expected_size

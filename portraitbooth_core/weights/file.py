@@ -23,10 +23,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .family import CONTEXT_FAMILIES, read_safetensors_header, safetensors_expected_size
+from ..atomic_files import atomic_target
+from .family import CONTEXT_FAMILIES
+from .finite import NonFiniteWeightsError, describe_names, non_finite_names
+from .safetensors_header import SafetensorsHeaderError, TruncatedSafetensorsError, read_header
 from torch import nn
 
 from ..stea.projector import build_projector
+from ..stea.projector_config import PROJECTOR_BASES
 from .meta import (
     FORMAT_VERSION, METADATA_KEY, PROJECTOR_PREFIX, CorruptWeightFileError, FaceEncoderSpec,
     MissingKeysError, NotPortraitBoothFileError, PortraitBoothInfo, WeightFileError,
@@ -74,8 +78,9 @@ def save_portraitbooth(path: str | os.PathLike, projector: nn.Module, face_encod
                        class_words=None, emotion_words=None, training: dict | None = None,
                        class_synonyms: Mapping[str, Sequence[str]] | None = None,
                        defaults: dict | None = None, source: dict | None = None) -> Path:
-    """Write a PortraitBooth file atomically (temp file + os.replace): a crash never
-    leaves a half-written file under the real name for ComfyUI to list.
+    """Write a PortraitBooth file atomically (atomic_files.atomic_target): a crash never
+    leaves a half-written file under the real name for ComfyUI to list, and the file gets
+    the umask's mode. Non-finite weights are refused (NonFiniteWeightsError), nothing written.
 
     class_synonyms: class word -> other words its captions used for it; the model then
     accepts those words in prompts as well."""
@@ -89,6 +94,7 @@ def save_portraitbooth(path: str | os.PathLike, projector: nn.Module, face_encod
         raise ValueError(f"face encoder gives {face_encoder.dim}-d embeddings, projector takes "
                          f"{projector.config.face_dim}-d")
     info = PortraitBoothInfo(projector=projector.config, face_encoder=face_encoder,
+                             base=PROJECTOR_BASES.get(projector.config.kind, "sd15"),
                              training=dict(training or {}),
                              unet_patch={"format": _patch_format(patch), "tensors": len(patch)},
                              defaults=dict(defaults or {}), source=dict(source or {}))
@@ -101,13 +107,13 @@ def save_portraitbooth(path: str | os.PathLike, projector: nn.Module, face_encod
     tensors = {PROJECTOR_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous()
                for k, v in projector.state_dict().items()}
     tensors.update({k: v.detach().cpu().contiguous() for k, v in patch.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    bad = non_finite_names(tensors)
+    if bad:  # such a file would load and give black images; refuse before anything is written
+        raise NonFiniteWeightsError(
+            f"{path.name}: not written: {len(bad)} tensor(s) hold non-finite values (NaN or infinity): "
+            f"{describe_names(bad)}. The weights diverged; write them from a healthy run or checkpoint.")
+    with atomic_target(path) as tmp:  # the umask's mode, not save_file's 0600
         save_file(tensors, str(tmp), metadata={METADATA_KEY: info.to_json()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -128,20 +134,21 @@ def read_info(path: str | os.PathLike) -> tuple[PortraitBoothInfo, dict[str, tup
     if not os.path.isfile(path):
         raise WeightFileError(f"PortraitBooth file not found: {path}")
     try:
-        shapes, metadata = read_safetensors_header(path)
-        expected = safetensors_expected_size(path)
-    except (ValueError, AttributeError, KeyError, TypeError) as exc:
-        raise CorruptWeightFileError(f"{source} is corrupt or not a safetensors file ({exc}). "
-                                     f"Download it again.") from None
-    actual = os.path.getsize(path)
-    if actual < expected:
-        raise CorruptWeightFileError(f"{source} is truncated: {actual} of {expected} bytes. The download or "
-                                     f"copy was cut off; fetch the file again.")
+        file_header = read_header(path)
+    except TruncatedSafetensorsError as exc:
+        raise CorruptWeightFileError(f"{exc}. The download or copy was cut off; fetch the file again.") from None
+    except SafetensorsHeaderError as exc:
+        raise CorruptWeightFileError(f"{exc}. Download it again.") from None
+    shapes, metadata = file_header.shapes, file_header.metadata
     if METADATA_KEY not in metadata:
         raise NotPortraitBoothFileError(f"{source} is not a PortraitBooth file: {_describe_foreign(shapes)}.")
     info = PortraitBoothInfo.from_json(metadata[METADATA_KEY], source)
     family = patch_family({k: v for k, v in shapes.items() if not k.startswith(PROJECTOR_PREFIX)})
-    if family not in (None, "sd15"):
+    if family not in (None, info.base) and info.base != "sd15":
+        raise WrongBaseModelError(f"{source} patches a {family} UNet (from its tensor shapes), but its "
+                                  f"'{info.projector.kind}' projector is made for {info.base}. The file is damaged "
+                                  f"or was edited; import it again.")
+    if family not in (None, info.base):
         raise WrongBaseModelError(f"{source} patches a {family} UNet (from its tensor shapes), but PortraitBooth "
                                   f"works with Stable Diffusion 1.5 only. Use a PortraitBooth file trained on SD1.5.")
     _check_keys(info, shapes, source)
@@ -180,11 +187,19 @@ def load_portraitbooth(path: str | os.PathLike, expected_embedding_kind: str | N
     subclass with a message that says what to do."""
     info, _ = read_info(path)
     check_embedding(info, expected_embedding_kind, expected_embedding_dim)
+    source = os.path.basename(path)
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CorruptWeightFileError(f"{os.path.basename(path)} could not be read ({exc}). "
-                                     f"Download it again.") from None
+        # The error's type only: a parser's message can quote bytes or offsets of the file.
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise CorruptWeightFileError(f"{source} could not be read ({why}). Download it again.") from None
+    bad = non_finite_names(tensors)
+    if bad:
+        raise CorruptWeightFileError(
+            f"{source} holds non-finite values (NaN or infinity) in {len(bad)} tensor(s): {describe_names(bad)}. "
+            f"It would give black or noise images. It was probably exported from a training run that diverged "
+            f"(a setting such as lr or ema_decay out of range): train or export it again, or download it again.")
     projector = build_projector(info.projector)
     projector.load_state_dict({k[len(PROJECTOR_PREFIX):]: v for k, v in tensors.items()
                                if k.startswith(PROJECTOR_PREFIX)})

@@ -6,9 +6,11 @@ so it can be read (and a wrong file rejected) without touching any tensor.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 from ..stea.projector import PROJECTOR_KINDS, ProjectorConfig, UnknownProjectorKindError
+from ..stea.projector_config import PROJECTOR_BASES
 from ..vocabulary import DEFAULT_CLASS_WORDS, DEFAULT_EMOTION_WORDS, accepted_class_words
 
 FORMAT_VERSION = 1
@@ -68,6 +70,59 @@ class FaceEncoderSpec:
         return self.normalized if self.normalized is not None else self.family != "clip_vision"
 
 
+# Apply STEA's start_percent: a value below 0 (the node offers -1) means "what the file says".
+FROM_FILE = -1.0
+# The paper conditions on the identity from the first step; a file with no stored start gets this.
+PAPER_START_PERCENT = 0.0
+
+
+def check_schedule(start: float, end: float, start_note: str = "") -> None:
+    """The one range check of the part of the schedule that carries the identity, wherever
+    the start came from (the node, the API, a file): 0 <= start < end <= 1."""
+    if not (math.isfinite(start) and math.isfinite(end) and 0.0 <= start < end <= 1.0):
+        raise ValueError(f"need 0 <= start_percent < end_percent <= 1, got start_percent {start:g}{start_note} "
+                         f"and end_percent {end:g}")
+
+
+@dataclass(frozen=True)
+class InferenceDefaults:
+    """The inference settings a file says its model was made for (the metadata's "defaults",
+    e.g. FastComposer's delayed identity: start_percent 0.3, CFG 5). None: the file says nothing."""
+
+    start_percent: float | None = None
+    cfg: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "InferenceDefaults":
+        """Parse and range-check; ValueError names the bad entry."""
+        def number(key: str) -> float | None:
+            value = data.get(key)
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"defaults.{key} is {value!r}, expected a number")
+            return float(value)
+
+        start, cfg = number("start_percent"), number("cfg")
+        if start is not None:
+            try:
+                check_schedule(start, 1.0)
+            except ValueError:
+                raise ValueError(f"defaults.start_percent is {start:g}, expected 0 <= start_percent < 1") from None
+        if cfg is not None and cfg <= 0:
+            raise ValueError(f"defaults.cfg is {cfg:g}, expected a positive number")
+        return cls(start, cfg)
+
+    def start_percent_for(self, requested: float) -> tuple[float, str]:
+        """(start_percent to use, where it came from) for a node input that may say FROM_FILE:
+        a value of 0 or more is used as given; below 0 the file's start, else the paper's."""
+        if requested >= 0 or math.isnan(requested):  # check_schedule refuses NaN with the others
+            return float(requested), "set on the node"
+        if self.start_percent is not None:
+            return self.start_percent, "from the file"
+        return PAPER_START_PERCENT, "the paper's default; the file stores none"
+
+
 @dataclass(frozen=True)
 class PortraitBoothInfo:
     projector: ProjectorConfig
@@ -85,6 +140,11 @@ class PortraitBoothInfo:
     source: dict = field(default_factory=dict)
     base: str = "sd15"
     format_version: int = FORMAT_VERSION
+
+    @property
+    def inference(self) -> InferenceDefaults:
+        """The typed view of `defaults` (checked when the file was read)."""
+        return InferenceDefaults.from_dict(self.defaults)
 
     @property
     def accepted_words(self) -> tuple[str, ...]:
@@ -118,10 +178,13 @@ class PortraitBoothInfo:
     def from_json(cls, text: str, source: str) -> "PortraitBoothInfo":
         """Parse and validate; the format version is checked before anything else so a
         newer file says "upgrade" instead of failing on a field it renamed."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CorruptWeightFileError(f"{source}: its PortraitBooth metadata is not valid JSON ({exc}).") from None
+        from ..bounded_json import load_json_bytes
+        from ..paths import BadInputError
+
+        try:  # bounded: a deeply nested text is refused, not a RecursionError
+            data = load_json_bytes(text, f"{source}: its PortraitBooth metadata", max_bytes=100_000_000)
+        except BadInputError as exc:
+            raise CorruptWeightFileError(str(exc)) from None
         if not isinstance(data, dict):
             raise CorruptWeightFileError(f"{source}: its PortraitBooth metadata is not a JSON object.")
         version = data.get("format_version")
@@ -132,7 +195,15 @@ class PortraitBoothInfo:
                 f"{source} uses PortraitBooth file format {version}, but this node pack reads only up to "
                 f"format {FORMAT_VERSION}. Update the PortraitBooth node pack (ComfyUI Manager or git pull).")
         base = str(data.get("base", ""))
-        if base != "sd15":
+        projector = data.get("projector")
+        kind = str(projector.get("kind", "portraitbooth_mlp")) if isinstance(projector, dict) else ""
+        # Each projector kind is made for one base: PortraitBooth's own and FastComposer's for
+        # SD1.5, PhotoMaker's heads for SDXL.
+        if kind in PROJECTOR_BASES and base != PROJECTOR_BASES[kind]:
+            raise WrongBaseModelError(
+                f"{source} says base model '{base or 'unknown'}', but its '{kind}' projector is made for "
+                f"'{PROJECTOR_BASES[kind]}'. The file is damaged or was edited; import it again.")
+        if kind not in PROJECTOR_BASES and base != "sd15":
             raise WrongBaseModelError(
                 f"{source} was made for base model '{base or 'unknown'}', but PortraitBooth works with "
                 f"Stable Diffusion 1.5 only. Use a PortraitBooth file trained on SD1.5.")
@@ -163,6 +234,11 @@ class PortraitBoothInfo:
                 f"projector takes {info.projector.face_dim}-d.")
         if not info.class_words:
             raise CorruptWeightFileError(f"{source}: its metadata lists no class words.")
+        try:  # a bad default is refused with the file, not later inside a node
+            InferenceDefaults.from_dict(info.defaults)
+        except ValueError as exc:
+            raise CorruptWeightFileError(f"{source}: its metadata's {exc}. Re-export or import the file again.") \
+                from None
         return info
 
 

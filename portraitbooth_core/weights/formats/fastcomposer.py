@@ -1,0 +1,557 @@
+"""Import FastComposer's released SD1.5 weights into files ComfyUI and this pack load.
+
+    python -m training import-fastcomposer pytorch_model.bin --models ComfyUI/models
+
+Everything about the format is here: the key map, the validation of every key and shape,
+the conversion and the files written. The command line only calls `import_fastcomposer`.
+ComfyUI's own key maps and layer shapes are the reference for the converted files, so
+the conversion imports ComfyUI when it runs (never when this module is imported).
+
+FastComposer (Xiao et al. 2023; code and weights `mit-han-lab/fastcomposer`, MIT) ships
+one `pytorch_model.bin`: a plain state dict of its whole model,
+  unet.*             diffusers UNet2DConditionModel, fully fine-tuned from SD1.5
+  text_encoder.*     SD1.5's CLIP-L text model without the `text_model.` segment (frozen)
+  image_encoder.*    `vision_model.*` + `visual_projection.weight`: OpenAI CLIP ViT-L/14
+  vae.*              SD1.5's VAE (frozen)
+  postfuse_module.*  the MLP that fuses the image embedding into the class word's token.
+The text encoder and VAE are plain SD1.5, so the user's own SD1.5 checkpoint provides
+them; they are checked, not written. Written, each atomically (temp file + os.replace):
+  diffusion_models/<name>_unet.safetensors      ComfyUI (ldm) key layout, via ComfyUI's own
+                                                comfy.utils.unet_to_diffusers map; Load
+                                                Diffusion Model detects it as SD1.5
+  clip_vision/<name>_clip_vit_l14.safetensors   transformers layout, read by Load CLIP Vision
+  portraitbooth/<name>_postfuse.safetensors     a PortraitBooth file holding the postfuse
+                                                projector (kind "fastcomposer_postfuse")
+Reading never runs pickled code: torch.load(weights_only=True) or safetensors.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from ...atomic_files import atomic_target
+from ...face.clip_image import CLIP_VISION_DESCRIPTION, clip_vision_kind
+from ...stea.postfuse import FastComposerPostfuse, postfuse_config
+from ..safetensors_header import SafetensorsHeaderError, read_header
+from ..file import save_portraitbooth
+from ..meta import FaceEncoderSpec
+
+log = logging.getLogger("portraitbooth.fastcomposer")
+
+SECTIONS = ("unet.", "text_encoder.", "image_encoder.", "vae.", "postfuse_module.")
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_START = 0.3      # delayed conditioning: identity from 30% of the steps on (FastComposer: 20-30%)
+DEFAULT_CFG = 5.0        # FastComposer's inference guidance scale
+SOURCE = {"model": "FastComposer", "repository": "https://github.com/mit-han-lab/fastcomposer",
+          "weights": "https://huggingface.co/mit-han-lab/fastcomposer (pytorch_model.bin)", "license": "MIT"}
+# OpenAI CLIP ViT-L/14 at 224 px; ComfyUI's CLIP vision loader recognises it by its 24 layers.
+VIT_L14 = {"hidden_size": 1024, "num_hidden_layers": 24, "patch_size": 14, "image_size": 224, "projection_dim": 768}
+# Weights do not tell the head count; SD1.5's UNet uses 8 heads everywhere and OpenAI's CLIP
+# towers 64-wide heads.
+SD15_UNET_HEADS = 8
+CLIP_HEAD_WIDTH = 64
+
+
+class FastComposerImportError(ValueError):
+    """Base of every import problem; the message names the file and says what to do."""
+
+
+class NotFastComposerError(FastComposerImportError):
+    pass
+
+
+class MissingTensorsError(FastComposerImportError):
+    pass
+
+
+class WrongShapeError(FastComposerImportError):
+    pass
+
+
+class TruncatedFileError(FastComposerImportError):
+    pass
+
+
+class UnsafeFileError(FastComposerImportError):
+    pass
+
+
+class OutputExistsError(FastComposerImportError):
+    pass
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _unwrap(obj, source: str) -> dict[str, torch.Tensor]:
+    # Training scripts sometimes nest the weights; the release is flat, but accept both.
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and set(obj) == {key} and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise NotFastComposerError(f"{source} is not a state dict (it holds a {type(obj).__name__}); "
+                                   f"FastComposer's release is a dict of tensors (pytorch_model.bin).")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise NotFastComposerError(f"{source} holds no tensors; it is not a weight file.")
+    return tensors
+
+
+def load_release(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The released state dict, read without running code (memory-mapped where possible)."""
+    path = Path(path)
+    if path.is_dir() and (path / "pytorch_model.bin").is_file():  # the downloaded model folder
+        path = path / "pytorch_model.bin"
+    source = str(path)
+    if not path.is_file():
+        raise FastComposerImportError(f"{source} not found. Download pytorch_model.bin from "
+                                      f"{SOURCE['weights']} and pass its path.")
+    if path.stat().st_size == 0:
+        raise TruncatedFileError(f"{source} is empty (0 bytes): the download failed. Download it again.")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            # Files from torch < 1.6 (or a plain pickle) are not zip archives and cannot be
+            # memory-mapped; read them normally, still with weights_only.
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            what = f" ({found.group(1)})" if found else ""
+            raise UnsafeFileError(
+                f"Refused {source}: it contains pickled Python objects{what} that would run code when loaded. "
+                f"FastComposer's real pytorch_model.bin holds plain tensors only, so this file is not it or has "
+                f"been tampered with. Do not load it with weights_only=False; download the official file from "
+                f"{SOURCE['weights']}.") from None
+        raise TruncatedFileError(f"{source} could not be read ({text}); it is truncated or corrupt. "
+                                 f"Download it again.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        size = path.stat().st_size
+        raise TruncatedFileError(
+            f"{source} ({size:,} bytes) could not be read: it is truncated or corrupt (torch: {exc}). "
+            f"The released pytorch_model.bin is about 2.2-2.5 GB; download it again.") from None
+    return _unwrap(obj, source)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+
+    source = str(path)
+    try:
+        read_header(path)  # refuses a cut-off or foreign file before safetensors maps it
+    except SafetensorsHeaderError as exc:
+        raise TruncatedFileError(f"{exc}. Download it again.") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types
+        raise TruncatedFileError(f"{source} could not be read ({exc}). Download it again.") from None
+
+
+def describe_foreign(keys: Iterable[str]) -> str:
+    """What a state dict that is not FastComposer's looks like, for the error message."""
+    keys = list(keys)
+    has = lambda *prefixes: any(k.startswith(prefixes) for k in keys)  # noqa: E731
+    if has("model.diffusion_model."):
+        return "a Stable Diffusion checkpoint (load it with Load Checkpoint from models/checkpoints)"
+    if has("stea."):
+        return "a PortraitBooth weight file (load it with Load PortraitBooth Model from models/portraitbooth)"
+    if any(k.endswith((".lora_up.weight", ".lora_down.weight", ".lora_A.weight", ".lora_B.weight")) for k in keys):
+        return "a LoRA (load it with a LoRA loader node from models/loras)"
+    if has("conv_in.", "down_blocks.", "input_blocks."):
+        return ("a bare UNet (diffusion_pytorch_model), not FastComposer's whole-model pytorch_model.bin; "
+                "FastComposer's file has unet.*, image_encoder.* and postfuse_module.* together")
+    if has("vision_model.", "visual."):
+        return "a CLIP vision model (models/clip_vision)"
+    if has("text_model.", "transformer.text_model."):
+        return "a CLIP text encoder"
+    if has("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks."):
+        return "a VAE"
+    if has("unet.") and not has("postfuse_module."):
+        return "a diffusers-style whole model with a UNet but no FastComposer postfuse module"
+    return f"an unknown state dict (first keys: {', '.join(sorted(keys)[:4])})"
+
+
+# ---------------------------------------------------------------- UNet
+
+
+def _count(keys: Iterable[str], pattern: str) -> int:
+    rx = re.compile(pattern)
+    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def unet_config_from_diffusers(unet: Mapping[str, torch.Tensor]) -> dict:
+    """ComfyUI UNetModel arguments for a diffusers SD1.x-style UNet state dict (no prefix)."""
+    keys = list(unet)
+    model_channels = int(unet["conv_in.weight"].shape[0])
+    levels = _count(keys, r"down_blocks\.(\d+)\.")
+    num_res, channel_mult, depth = [], [], []
+    for i in range(levels):
+        res = _count(keys, rf"down_blocks\.{i}\.resnets\.(\d+)\.")
+        num_res.append(res)
+        channel_mult.append(int(unet[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0]) // model_channels)
+        for j in range(res):
+            depth.append(_count(keys, rf"down_blocks\.{i}\.attentions\.{j}\.transformer_blocks\.(\d+)\."))
+    out_depth = []
+    for x in range(levels):  # up_blocks.0 is the lowest resolution; ComfyUI pops from the end
+        for i in range(num_res[levels - 1 - x] + 1):
+            out_depth.append(_count(keys, rf"up_blocks\.{x}\.attentions\.{i}\.transformer_blocks\.(\d+)\."))
+    proj_in = next((unet[k] for k in keys if k.endswith("attentions.0.proj_in.weight")), None)
+    to_k = next((unet[k] for k in keys if k.endswith("attn2.to_k.weight")), None)
+    if to_k is None:
+        raise NotFastComposerError("the UNet has no cross-attention (attn2.to_k) weights; it is not a text-to-image UNet")
+    return dict(
+        image_size=32, in_channels=int(unet["conv_in.weight"].shape[1]),
+        out_channels=int(unet["conv_out.weight"].shape[0]), model_channels=model_channels,
+        num_res_blocks=num_res, channel_mult=channel_mult, transformer_depth=depth,
+        transformer_depth_output=list(reversed(out_depth)),
+        transformer_depth_middle=_count(keys, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."),
+        num_heads=SD15_UNET_HEADS, num_head_channels=-1, use_spatial_transformer=True,
+        use_linear_in_transformer=bool(proj_in is not None and proj_in.ndim == 2),
+        context_dim=int(to_k.shape[1]), legacy=False, adm_in_channels=None,
+    )
+
+
+def comfy_unet_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of ComfyUI's own UNetModel for `config`, built on the meta device."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    model = UNetModel(**config, dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def unet_key_map(unet_shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict, dict[str, str], dict]:
+    """(config, diffusers key -> ComfyUI key, ComfyUI shapes) for a diffusers UNet; raises
+    when a source key is left over, a ComfyUI key has no source, or a shape differs."""
+    import comfy.utils
+
+    probe = {k: torch.empty(s, device="meta") for k, s in unet_shapes.items()}
+    config = unet_config_from_diffusers(probe)
+    target = comfy_unet_shapes(config)
+    full = comfy.utils.unet_to_diffusers(config)
+    mapping = {d: c for d, c in full.items() if d in unet_shapes}
+    leftover = sorted(k for k in unet_shapes if k not in mapping)
+    mapped_targets = set(mapping.values())
+    missing = sorted(next((d for d, c in full.items() if c == t), t) for t in target if t not in mapped_targets)
+    if leftover or missing:
+        raise MissingTensorsError(_listing("the UNet (unet.*)", missing, leftover))
+    wrong = [f"unet.{d} {tuple(unet_shapes[d])} (SD1.5 layout needs {target[c]})"
+             for d, c in mapping.items() if tuple(unet_shapes[d]) != target[c]]
+    if wrong:
+        raise WrongShapeError(f"UNet tensors with the wrong shape: {'; '.join(wrong[:5])}"
+                              f"{f' and {len(wrong) - 5} more' if len(wrong) > 5 else ''}.")
+    return config, mapping, target
+
+
+def _listing(what: str, missing: list[str], leftover: list[str]) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:4])})")
+    if leftover:
+        parts.append(f"{len(leftover)} unexpected (e.g. {', '.join(leftover[:4])})")
+    return f"{what} does not have SD1.5's layout: {'; '.join(parts)}. The file is incomplete or another model."
+
+
+# ---------------------------------------------------------------- CLIP vision
+
+
+def clip_vision_config(shapes: Mapping[str, tuple[int, ...]]) -> dict:
+    """A ComfyUI/transformers CLIP vision config from `vision_model.*` tensor shapes."""
+    patch = shapes["vision_model.embeddings.patch_embedding.weight"]
+    positions = shapes["vision_model.embeddings.position_embedding.weight"][0]
+    grid = math.isqrt(positions - 1)
+    if grid * grid != positions - 1:
+        raise WrongShapeError(f"image_encoder position embedding has {positions} rows; a ViT needs 1 + a square")
+    hidden = int(patch[0])
+    return {
+        "attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": hidden,
+        "image_size": int(patch[2]) * grid, "initializer_factor": 1.0, "initializer_range": 0.02,
+        "intermediate_size": int(shapes["vision_model.encoder.layers.0.mlp.fc1.weight"][0]),
+        "layer_norm_eps": 1e-05, "model_type": "clip_vision_model",
+        "num_attention_heads": max(1, hidden // CLIP_HEAD_WIDTH), "num_channels": int(patch[1]),
+        "num_hidden_layers": _count(shapes, r"vision_model\.encoder\.layers\.(\d+)\."),
+        "patch_size": int(patch[2]), "projection_dim": int(shapes["visual_projection.weight"][0]),
+        "torch_dtype": "float32",
+    }
+
+
+def comfy_clip_vision_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    import comfy.clip_model
+    import comfy.ops
+
+    model = comfy.clip_model.CLIPVisionModelProjection(config, torch.float32, "meta", comfy.ops.manual_cast)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def is_vit_l14(config: dict) -> bool:
+    return all(config[k] == v for k, v in VIT_L14.items())
+
+
+def clip_vision_key_check(shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict, list[str]]:
+    """(config, keys to write) for `vision_model.*` + `visual_projection.weight` shapes."""
+    for need in ("vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.position_embedding.weight",
+                 "vision_model.encoder.layers.0.mlp.fc1.weight", "visual_projection.weight"):
+        if need not in shapes:
+            raise MissingTensorsError(f"the image encoder lacks image_encoder.{need}; the file is incomplete "
+                                      f"or not FastComposer's. Download it again.")
+    config = clip_vision_config(shapes)
+    target = comfy_clip_vision_shapes(config)
+    # position_ids is a buffer older transformers saved; it is derived, not learned.
+    source = [k for k in shapes if not k.endswith("position_ids")]
+    leftover = sorted(k for k in source if k not in target)
+    missing = sorted(k for k in target if k not in shapes)
+    if leftover or missing:
+        raise MissingTensorsError(_listing("the image encoder (image_encoder.*)", missing, leftover)
+                                  .replace("SD1.5's layout", "a CLIP vision layout"))
+    wrong = [f"image_encoder.{k} {tuple(shapes[k])} (expected {target[k]})" for k in source
+             if tuple(shapes[k]) != target[k]]
+    if wrong:
+        raise WrongShapeError(f"image encoder tensors with the wrong shape: {'; '.join(wrong[:5])}.")
+    return config, sorted(source)
+
+
+# ---------------------------------------------------------------- validation
+
+
+@dataclass
+class Plan:
+    """What a validated release holds and how it maps to the output files."""
+
+    unet_config: dict
+    unet_map: dict[str, str]
+    clip_config: dict
+    clip_keys: list[str]
+    postfuse_config: object
+    text_dim: int
+    text_layers: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def _sections(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, tuple[int, ...]]:
+    return {k[len(prefix):]: tuple(v.shape) for k, v in sd.items() if k.startswith(prefix)}
+
+
+def validate_release(sd: Mapping[str, torch.Tensor], source: str = "the file") -> Plan:
+    """Check a state dict is FastComposer's release, complete, with consistent shapes."""
+
+    present = [p for p in SECTIONS if any(k.startswith(p) for k in sd)]
+    if "postfuse_module." not in present or "unet." not in present:
+        raise NotFastComposerError(f"{source} is not a FastComposer checkpoint: it looks like {describe_foreign(sd)}. "
+                                   f"Use FastComposer's pytorch_model.bin ({SOURCE['weights']}).")
+    absent = [p + "*" for p in SECTIONS if p not in present]
+    if absent:
+        raise MissingTensorsError(f"{source} lacks whole parts of FastComposer's model: {', '.join(absent)}. "
+                                  f"The file is incomplete; download it again.")
+    other = sorted(k for k in sd if not k.startswith(SECTIONS))
+    warnings = [f"ignored {len(other)} tensors outside FastComposer's parts (e.g. {', '.join(other[:3])})"] if other else []
+
+    # postfuse: its own shapes tell its dims; they must agree with the reference module
+    pf = _sections(sd, "postfuse_module.")
+    for need in ("layer_norm.weight", "mlp1.layernorm.weight", "mlp1.fc1.weight"):
+        if need not in pf:
+            raise MissingTensorsError(f"{source} lacks postfuse_module.{need}; the file is incomplete. Download it again.")
+    text_dim = pf["layer_norm.weight"][0]
+    config = postfuse_config(text_dim=text_dim, face_dim=pf["mlp1.layernorm.weight"][0] - text_dim,
+                             hidden_dim=pf["mlp1.fc1.weight"][0])
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in FastComposerPostfuse(config).state_dict().items()}
+    missing = sorted(f"postfuse_module.{k}" for k in want if k not in pf)
+    extra = sorted(f"postfuse_module.{k}" for k in pf if k not in want)
+    if missing or extra:
+        raise MissingTensorsError(f"{source}: the postfuse module does not have FastComposer's layout: "
+                                  f"missing {missing[:4] or 'none'}, unexpected {extra[:4] or 'none'}.")
+    wrong = [f"postfuse_module.{k} {pf[k]} (expected {s})" for k, s in want.items() if pf[k] != s]
+    if wrong:
+        raise WrongShapeError(f"{source}: postfuse tensors with the wrong shape: {'; '.join(wrong[:5])}.")
+
+    unet_config, unet_map, _ = unet_key_map(_sections(sd, "unet."))
+    if unet_config["context_dim"] != 768 or unet_config["model_channels"] != 320 or unet_config["use_linear_in_transformer"]:
+        raise WrongShapeError(
+            f"{source}: the UNet is not SD1.5's (text context {unet_config['context_dim']}, "
+            f"{unet_config['model_channels']} channels); FastComposer's release is SD1.5 (768, 320).")
+    clip_config, clip_keys = clip_vision_key_check(_sections(sd, "image_encoder."))
+    if not is_vit_l14(clip_config):
+        warnings.append(f"the image encoder is not CLIP ViT-L/14 at 224 px ({clip_config['num_hidden_layers']} layers, "
+                        f"width {clip_config['hidden_size']}); ComfyUI's Load CLIP Vision recognises ViT-L/14 only")
+
+    te = _sections(sd, "text_encoder.")
+    for need in ("embeddings.token_embedding.weight", "final_layer_norm.weight"):
+        if need not in te:
+            raise MissingTensorsError(f"{source} lacks text_encoder.{need}; the file is incomplete. Download it again.")
+    te_dim = te["final_layer_norm.weight"][0]
+    vae = _sections(sd, "vae.")
+    if not any(k.startswith("encoder.") for k in vae) or not any(k.startswith("decoder.") for k in vae):
+        raise MissingTensorsError(f"{source}: vae.* has no encoder or no decoder; the file is incomplete. Download it again.")
+
+    dims = {"postfuse text": text_dim, "text encoder": te_dim, "UNet cross-attention": unet_config["context_dim"]}
+    if len(set(dims.values())) != 1:
+        raise WrongShapeError(f"{source}: text widths disagree ({', '.join(f'{k} {v}' for k, v in dims.items())}).")
+    if config.face_dim != clip_config["projection_dim"]:
+        raise WrongShapeError(f"{source}: the postfuse module reads {config.face_dim}-d image embeddings but the "
+                              f"image encoder projects to {clip_config['projection_dim']}.")
+    return Plan(unet_config, unet_map, clip_config, clip_keys, config, text_dim,
+                _count(te, r"encoder\.layers\.(\d+)\."), warnings)
+
+
+# ---------------------------------------------------------------- writing
+
+
+@dataclass
+class ImportReport:
+    unet: Path
+    clip_vision: Path
+    portraitbooth: Path
+    warnings: list[str]
+    clip_is_vit_l14: bool
+
+
+def output_paths(models_dir: str | os.PathLike, name: str = "fastcomposer") -> dict[str, Path]:
+    root = Path(models_dir)
+    return {"unet": root / "diffusion_models" / f"{name}_unet.safetensors",
+            "clip_vision": root / "clip_vision" / f"{name}_clip_vit_l14.safetensors",
+            "portraitbooth": root / "portraitbooth" / f"{name}_postfuse.safetensors"}
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_target(path) as tmp:  # the umask's mode, not save_file's 0600
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def _progress(items, desc: str, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="tensor", leave=False)
+
+
+def convert_unet(sd: Mapping[str, torch.Tensor], mapping: Mapping[str, str], dtype: torch.dtype,
+                 progress: bool = False) -> dict[str, torch.Tensor]:
+    """unet.<diffusers key> -> <ComfyUI key>, cast to dtype."""
+    return {c: sd["unet." + d].to(dtype).contiguous() for d, c in _progress(list(mapping.items()), "UNet", progress)}
+
+
+def convert_clip_vision(sd: Mapping[str, torch.Tensor], keys: Iterable[str], dtype: torch.dtype,
+                        progress: bool = False) -> dict[str, torch.Tensor]:
+    return {k: sd["image_encoder." + k].to(dtype).contiguous() for k in _progress(list(keys), "CLIP vision", progress)}
+
+
+def postfuse_from_release(sd: Mapping[str, torch.Tensor], config) -> torch.nn.Module:
+
+    module = FastComposerPostfuse(config)
+    module.load_state_dict({k[len("postfuse_module."):]: v.float() for k, v in sd.items()
+                            if k.startswith("postfuse_module.")})
+    return module.eval().requires_grad_(False)
+
+
+def face_encoder_spec(clip_config: dict) -> FaceEncoderSpec:
+    """The weight file's face-encoder entry for a CLIP vision config: the kind follows the
+    embedding width (what an Identity can tell), the description the tower."""
+
+    dim = int(clip_config["projection_dim"])
+    description = (CLIP_VISION_DESCRIPTION if is_vit_l14(clip_config) else
+                   f"CLIP image embedding ({clip_config['num_hidden_layers']} layers, width "
+                   f"{clip_config['hidden_size']}, {dim}-d projection)")
+    return FaceEncoderSpec(clip_vision_kind(dim), dim, feature="image_embeds", description=description)
+
+
+def import_fastcomposer(path: str | os.PathLike, models_dir: str | os.PathLike, overwrite: bool = False,
+                        dtype: str = "fp16", name: str = "fastcomposer",
+                        progress: bool = True) -> ImportReport:
+    """Validate FastComposer's release and write the three files (see the module docstring)."""
+
+    if dtype not in DTYPES:
+        raise FastComposerImportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise FastComposerImportError(f"--name {name!r}: use letters, digits, '_', '-' or '.' only")
+    outputs = output_paths(models_dir, name)
+    exists = [str(p) for p in outputs.values() if p.exists()]
+    if exists and not overwrite:
+        raise OutputExistsError(f"already imported: {', '.join(exists)} exist. Pass --overwrite to replace them, "
+                                f"or --name to write a second copy.")
+    source = Path(path)
+    if source.is_dir() and (source / "pytorch_model.bin").is_file():
+        source = source / "pytorch_model.bin"
+    log.info("[import] reading %s", source)
+    sd = load_release(source)
+    plan = validate_release(sd, str(source))
+    target = DTYPES[dtype]
+    stamp = {"source_file": source.name, "source_bytes": source.stat().st_size, **SOURCE}
+
+    # Everything goes to hidden temp files first and is renamed into place only when all
+    # three are written: an error or Ctrl-C never leaves a partial import behind.
+    temps = {k: p.with_name(f".{p.name}.{os.getpid()}.part") for k, p in outputs.items()}
+    try:
+        unet = convert_unet(sd, plan.unet_map, target, progress)
+        _save_atomic(unet, temps["unet"], {"portraitbooth_import": json.dumps(
+            {"part": "unet", "base": "sd15", "layout": "comfyui", "dtype": dtype, **stamp})})
+        del unet
+
+        clip = convert_clip_vision(sd, plan.clip_keys, target, progress)
+        _save_atomic(clip, temps["clip_vision"], {"portraitbooth_import": json.dumps(
+            {"part": "clip_vision", "config": plan.clip_config, "dtype": dtype, **stamp})})
+        del clip
+
+        projector = postfuse_from_release(sd, plan.postfuse_config)
+        # FastComposer's prompts name the subject with an ordinary noun ("a man <|image|>"), so the
+        # pack's default class words apply.
+        save_portraitbooth(temps["portraitbooth"], projector, face_encoder_spec(plan.clip_config),
+                           defaults={"start_percent": DEFAULT_START, "cfg": DEFAULT_CFG,
+                                     "clip_vision": outputs["clip_vision"].name, "unet": outputs["unet"].name,
+                                     "preprocess": "fastcomposer"},
+                           source={**stamp, "imported_parts": ["postfuse_module"]})
+        for key, path in outputs.items():
+            os.replace(temps[key], path)
+            log.info("[import] wrote %s", path)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+    return ImportReport(outputs["unet"], outputs["clip_vision"], outputs["portraitbooth"], plan.warnings,
+                        is_vit_l14(plan.clip_config))
+
+
+def format_report(report: ImportReport) -> str:
+    lines = ["FastComposer imported:",
+             f"  UNet (SD1.5, ComfyUI layout)  {report.unet}",
+             f"  {'CLIP vision (ViT-L/14)' if report.clip_is_vit_l14 else 'CLIP vision (not ViT-L/14)':<30}"
+             f"{report.clip_vision}",
+             f"  PortraitBooth projector       {report.portraitbooth}",
+             "Use in ComfyUI:",
+             "  Load Checkpoint               any SD1.5 checkpoint: its CLIP and VAE (FastComposer keeps both frozen)",
+             f"  Load Diffusion Model          {report.unet.name} (weight_dtype default) -> MODEL for the sampler",
+             f"  Load CLIP Vision              {report.clip_vision.name}",
+             f"  Load PortraitBooth Model      {report.portraitbooth.name} (projector kind fastcomposer_postfuse)",
+             "  Apply STEA Conditioning       identity from the CLIP vision image embedding of the subject photo,",
+             f"                                class word e.g. 'man'/'woman'; leave start_percent at -1 (from the "
+             f"file: {DEFAULT_START}, delayed identity); sampler CFG {DEFAULT_CFG:g}",
+             "  Text encoder: CLIP last layer (no clip skip): the projector reads CLIP's final-LayerNorm output."]
+    lines += [f"warning: {w}" for w in report.warnings]
+    return "\n".join(lines)
+
+
+__all__ = ["FastComposerImportError", "ImportReport", "MissingTensorsError", "NotFastComposerError",
+           "OutputExistsError", "Plan", "TruncatedFileError", "UnsafeFileError", "WrongShapeError",
+           "clip_vision_config", "clip_vision_key_check", "comfy_clip_vision_shapes", "comfy_unet_shapes",
+           "convert_clip_vision", "convert_unet", "describe_foreign", "format_report", "import_fastcomposer",
+           "load_release", "output_paths", "postfuse_from_release", "unet_config_from_diffusers", "unet_key_map",
+           "validate_release"]

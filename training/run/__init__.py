@@ -1,0 +1,17 @@
+"""One training run:
+
+  data         deterministic sample order and draws, batches, the DataLoader path
+  losses       noise loss and ECAC's localization loss on captured attention
+  step         one forward pass of the objective (an nn.Module for DDP)
+  trainer      the loop: resume, micro-batches, optimizer, logging, checkpoints, export
+  checkpoint   saving, loading and pruning checkpoints of the run folder
+  ownership    run.json: whose a run folder is and the settings it continues with
+  ema          exponential moving average of the trained weights
+  distributed  torchrun ranks: process group, reductions
+  metrics      metrics.jsonl, TensorBoard, the progress line
+  validate     fixed validation batches
+  dip_check    the face recognizer DIP's identity loss needs, checked before training
+  stage0       FastComposer warm start: the projector fitted to its fused tokens
+  export       the PortraitBooth weight file the nodes load
+  curve        the loss curve picture
+"""
