@@ -12,19 +12,11 @@ import pytest
 from conftest import COMFY_DIR, HOST_STATE_AT_START, HOST_STATE_FOLDERS, SESSION_BASE, host_state
 from frontend import need_chromium, open_frontend, visible_alerts
 from headless.server import FRONTEND_SETTINGS, ComfyServer
+from test_host import FAKE_COMFYUI_ANSWERS
 
-RECORD_ARGS_AND_ANSWER = """
-import http.server, json, sys
-port = int(sys.argv[sys.argv.index("--port") + 1])
-open(sys.argv[1], "w").write(json.dumps(sys.argv[2:]))
-class Answer(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(b"{}")
-http.server.HTTPServer(("127.0.0.1", port), Answer).serve_forever()
-"""
+# A stand-in for ComfyUI's main.py that writes the arguments it got to argv[1], then answers.
+RECORD_ARGS_AND_ANSWER = "import json, sys\nopen(sys.argv[1], 'w').write(json.dumps(sys.argv[2:]))\n" + \
+    FAKE_COMFYUI_ANSWERS
 
 
 def test_every_server_keeps_user_input_output_and_temp_in_its_work_dir_with_seeded_settings(tmp_path):

@@ -101,14 +101,13 @@ def test_missing_file_names_the_folder(tiny_model, pack_nodes, pb_folder):
 def test_projector_only_file_on_a_non_sd15_model_is_refused_at_load(tiny_model, load):
     """The SD1.5 check runs for a file without a UNet patch too; before, an SD2 MODEL went
     through and KSampler failed later with a bare shape error."""
-    import copy
-
     from portraitbooth_core.weights.family import NotSD15Error
+    from standins.sd15 import tiny_model_patcher
 
-    sd2 = copy.copy(tiny_model)
-    sd2.model = copy.copy(tiny_model.model)
-    sd2.model.model_config = copy.copy(tiny_model.model.model_config)
-    sd2.model.model_config.unet_config = {**tiny_model.model.model_config.unet_config, "context_dim": 1024}
+    # A model of its own, loaded as ComfyUI loads one, that reports SD2's text width: no copy
+    # of ComfyUI's objects (their classes need not support copying; 0.8.0's SD15 does not).
+    sd2 = tiny_model_patcher(seed=0)
+    sd2.model.model_config.unet_config = {**sd2.model.model_config.unet_config, "context_dim": 1024}
     with pytest.raises(NotSD15Error, match=r"the MODEL input is not Stable Diffusion 1\.5 \(SD2, text context 1024"):
         load(sd2, "pb_text_only.safetensors")
     with pytest.raises(NotSD15Error, match="SD2"):

@@ -38,7 +38,7 @@ from ..atomic_files import write_bytes_atomic
 from ..bounded_json import load_json_bytes
 from ..paths import BadInputError
 from ..weights.finite import describe_names, non_finite_names
-from ..weights.safetensors_header import SafetensorsHeaderError, TruncatedSafetensorsError, read_header
+from ..weights.safetensors_header import read_header_as
 from .errors import FaceAnalysisError
 from .types import Identity
 
@@ -155,12 +155,7 @@ def read_identity_header(path: str | os.PathLike) -> tuple[dict, dict[str, tuple
     source = os.path.basename(path)
     if not os.path.isfile(path):
         raise IdentityFileError(f"identity file not found: {source}")
-    try:
-        file_header = read_header(path)
-    except TruncatedSafetensorsError as exc:
-        raise IdentityFileError(f"{exc}; copy or save it again.") from None
-    except SafetensorsHeaderError as exc:
-        raise IdentityFileError(f"{exc}. Save the identity again.") from None
+    file_header = read_header_as(path, IdentityFileError, "Copy or save it again.", "Save the identity again.")
     shapes, metadata = file_header.shapes, file_header.metadata
     if METADATA_KEY not in metadata:
         what = ("a PortraitBooth model file (put it in models/portraitbooth and use Load PortraitBooth Model)"

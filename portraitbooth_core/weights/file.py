@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from ..atomic_files import atomic_target
 from .family import CONTEXT_FAMILIES
 from .finite import NonFiniteWeightsError, describe_names, non_finite_names
-from .safetensors_header import SafetensorsHeaderError, TruncatedSafetensorsError, read_header
+from .safetensors_header import read_header_as
 from torch import nn
 
 from ..stea.projector import build_projector
@@ -133,12 +133,8 @@ def read_info(path: str | os.PathLike) -> tuple[PortraitBoothInfo, dict[str, tup
     source = os.path.basename(path)
     if not os.path.isfile(path):
         raise WeightFileError(f"PortraitBooth file not found: {path}")
-    try:
-        file_header = read_header(path)
-    except TruncatedSafetensorsError as exc:
-        raise CorruptWeightFileError(f"{exc}. The download or copy was cut off; fetch the file again.") from None
-    except SafetensorsHeaderError as exc:
-        raise CorruptWeightFileError(f"{exc}. Download it again.") from None
+    file_header = read_header_as(path, CorruptWeightFileError,
+                                 "The download or copy was cut off; fetch the file again.", "Download it again.")
     shapes, metadata = file_header.shapes, file_header.metadata
     if METADATA_KEY not in metadata:
         raise NotPortraitBoothFileError(f"{source} is not a PortraitBooth file: {_describe_foreign(shapes)}.")

@@ -141,6 +141,18 @@ def read_header(path: str | os.PathLike, complete: bool = True) -> SafetensorsHe
     return header
 
 
+def read_header_as(path: str | os.PathLike, error: Callable[[str], Exception], truncated_fix: str,
+                   corrupt_fix: str) -> SafetensorsHeader:
+    """read_header, its refusals raised as the caller's own `error` with the caller's fix
+    appended (a truncated file is usually fixed otherwise than a foreign or corrupt one)."""
+    try:
+        return read_header(path)
+    except TruncatedSafetensorsError as exc:
+        raise error(f"{exc}. {truncated_fix}") from None
+    except SafetensorsHeaderError as exc:
+        raise error(f"{exc}. {corrupt_fix}") from None
+
+
 def read_range_header(path: str | os.PathLike, read: Callable[[int, int], bytes]) -> SafetensorsHeader:
     """The same checks for a file read by byte ranges (`read(offset, size)`, e.g. remote storage)."""
     length = header_length(path, read(0, 8))
@@ -148,5 +160,5 @@ def read_range_header(path: str | os.PathLike, read: Callable[[int, int], bytes]
 
 
 __all__ = ["MAX_HEADER_LENGTH", "NotSafetensorsError", "SafetensorsHeader", "SafetensorsHeaderError",
-           "TruncatedSafetensorsError", "UnreadableFileError", "header_length", "parse_header", "read_header",
+           "TruncatedSafetensorsError", "UnreadableFileError", "header_length", "parse_header", "read_header", "read_header_as",
            "read_range_header"]

@@ -23,8 +23,7 @@ from torch import nn
 
 from portraitbooth_core.bounded_json import load_json_bytes
 from portraitbooth_core.weights.family import FAMILY_NAMES, UNET, family_from_shapes
-from portraitbooth_core.weights.safetensors_header import (SafetensorsHeaderError, TruncatedSafetensorsError,
-                                                           read_header)
+from portraitbooth_core.weights.safetensors_header import read_header_as
 
 log = logging.getLogger("portraitbooth.training")
 
@@ -81,12 +80,7 @@ def resolve_file(value: str, setting: str, folder: str, how: str,
 
 def checked_header(path: Path, setting: str, error: type[WarmStartError], how: str) -> tuple[dict, dict]:
     """(shapes, metadata) of a warm-start file, or `error` naming the setting and the fix."""
-    try:
-        header = read_header(path)
-    except TruncatedSafetensorsError as exc:
-        raise error(f"{setting}: {exc}. Copy or import it again.") from None
-    except SafetensorsHeaderError as exc:
-        raise error(f"{setting}: {exc}. {how}") from None
+    header = read_header_as(path, lambda text: error(f"{setting}: {text}"), "Copy or import it again.", how)
     return header.shapes, header.metadata
 
 
