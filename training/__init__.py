@@ -24,8 +24,9 @@ only the folders above it in this list, never one below:
     python -m training train --config run.toml [--set k=v]   (torchrun for several ranks)
     python -m training export --output <run folder>
     python -m training import-fastcomposer pytorch_model.bin --models <ComfyUI>/models
+    python -m training import-photomaker photomaker-v2.bin --models <ComfyUI>/models
 
-Imported weight formats (FastComposer's release) live beside the weight file the nodes
+Imported weight formats (FastComposer's and PhotoMaker's releases) live beside the weight file the nodes
 load: portraitbooth_core.weights.formats. The losses live in the core, by feature:
 ECAC's in portraitbooth_core.ecac.loss, DIP's in portraitbooth_core.dip. The small-scale
 evidence run is a client of this package: `python -m evidence` (evidence/ at the top).

@@ -1,4 +1,4 @@
-"""Command line: `python -m training {build,train,export,import-fastcomposer} ...` (train under torchrun for DDP).
+"""Command line: `python -m training {build,train,export,import-fastcomposer,import-photomaker} ...` (train under torchrun for DDP).
 
     python -m training build photos/ data/ --pack models/insightface/models/antelopev2 --workers 8
     python -m training build photos/ part0/ --pack ... --part 0/2   (part 1/2 on another machine)
@@ -8,6 +8,7 @@
     python -m training export --config train.toml --out model.safetensors
     python -m training precompute data/ --model v1-5-pruned-emaonly.safetensors
     python -m training import-fastcomposer pytorch_model.bin --models ComfyUI/models
+    python -m training import-photomaker photomaker-v2.bin --models ComfyUI/models
 """
 from __future__ import annotations
 
@@ -195,6 +196,20 @@ def _import_fastcomposer(args) -> int:
     return 0
 
 
+def _import_photomaker(args) -> int:
+    from portraitbooth_core.weights.formats.photomaker import (PhotoMakerImportError, format_report,
+                                                               import_photomaker)
+
+    try:
+        report = import_photomaker(args.path, args.models, overwrite=args.overwrite, name=args.name,
+                                   version=args.version, dtype=args.dtype)
+    except PhotoMakerImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -271,6 +286,16 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--overwrite", action="store_true", help="replace files an earlier import wrote")
     f.add_argument("--dtype", choices=("fp16", "fp32", "bf16"), default="fp16", help="UNet and CLIP vision precision")
     f.add_argument("--name", default="fastcomposer", help="file name stem of the written files")
+    pm = sub.add_parser("import-photomaker", help="convert PhotoMaker's photomaker-v1.bin / -v2.bin (SDXL) into "
+                        "ComfyUI model files")
+    pm.add_argument("path", help="photomaker-v1.bin or photomaker-v2.bin (or the .safetensors variant)")
+    pm.add_argument("--models", required=True, help="ComfyUI's models folder: writes clip_vision/ and portraitbooth/ "
+                    "under it")
+    pm.add_argument("--overwrite", action="store_true", help="replace files an earlier import wrote")
+    pm.add_argument("--version", choices=("auto", "v1", "v2"), default="auto",
+                    help="which PhotoMaker the file must be (default: read from its tensors)")
+    pm.add_argument("--dtype", choices=("fp16", "fp32", "bf16"), default="fp16", help="CLIP vision and LoRA precision")
+    pm.add_argument("--name", default=None, help="file name stem of the written files (default photomaker_v1/_v2)")
     return p
 
 
@@ -284,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"build": _build, "merge": _merge, "train": _train, "export": _export, "precompute": _precompute,
-                "import-fastcomposer": _import_fastcomposer}[args.command](args)
+                "import-fastcomposer": _import_fastcomposer, "import-photomaker": _import_photomaker}[args.command](args)
     except SettingError as exc:  # a --config/--set value outside its range (config.LIMITS): the fix, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2

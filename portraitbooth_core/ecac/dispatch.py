@@ -12,7 +12,10 @@ breaks them, and a later plain replace silently drops theirs. `Attn2Dispatcher`:
   output, with our change added as a delta (out_inner + ours - fused);
 - runs our hooks (capture, control), which see the cond rows' attention probabilities.
   Only calls where a hook is active pay for an explicit softmax; the rest take the same
-  fused attention ComfyUI would have run, so an idle dispatcher is bit-identical.
+  fused attention ComfyUI would have run, so an idle dispatcher is bit-identical;
+- moves with the model as IPAdapter's `Attn2Replace` does (`.to(device)`: per-device
+  copies of the callbacks' kwargs, picked by q's device), so adopting its callbacks
+  does not pin them to one GPU.
 
 Nothing here imports ComfyUI: the fused attention comes in as `attention_fn`
 (signature of comfy.ldm.modules.attention.optimized_attention).
@@ -22,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from einops import rearrange
@@ -97,6 +100,41 @@ def _rows(t: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
     return t if len(rows) == t.shape[0] else t[torch.as_tensor(rows, device=t.device)]
 
 
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Tensors in a kwargs value, also inside dicts, lists and tuples (IPAdapter's cond_alt)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif type(value) in (list, tuple):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _moved(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_moved(v, device) for v in value)
+    return value
+
+
+def _kwargs_for(kwargs: dict, device: torch.device) -> dict:
+    """One callback's kwargs for calls on `device`: the same dict when all its tensors are
+    there already (one GPU: no copies), else a copy with them moved; a module offering
+    `create_multigpu_clone` (IPAdapter's adapter: its callback picks the clone by q's device)
+    gets a clone there. Like IPAdapter, the tensors decide whether anything moves."""
+    if all(t.device == device for t in _tensors(kwargs)):
+        return kwargs
+    for value in kwargs.values():
+        if hasattr(value, "create_multigpu_clone"):
+            value.create_multigpu_clone(device)
+    return {key: _moved(value, device) for key, value in kwargs.items()}
+
+
 class Attn2Dispatcher:
     """attn2 replace callable shared by our hooks and IPAdapter-style `.add()` patches."""
 
@@ -106,18 +144,42 @@ class Attn2Dispatcher:
         self.inner = inner
         self.callback: list[Callable] = []  # IPAdapter's attribute names: others may read them
         self.kwargs: list[dict] = []
+        self.multigpu_kwargs: dict[torch.device, list[dict]] = {}  # made by .to(), per device
+
+    def get_multigpu_kwargs(self, device: torch.device) -> list[dict]:
+        """The callbacks' kwargs for a call on `device` (IPAdapter's name for it)."""
+        return self.multigpu_kwargs.get(device, self.kwargs)
 
     def add(self, callback: Callable, **kwargs: Any) -> None:
         """IPAdapter's contract: out += callback(out, q, k, v, extra_options, **kwargs) while
         kwargs['sigma_start'] >= sigma >= kwargs['sigma_end']."""
         self.callback.append(callback)
         self.kwargs.append(kwargs)
+        for device, copies in self.multigpu_kwargs.items():  # added after .to(): it moves too
+            copies.append(_kwargs_for(kwargs, device))
+
+    def to(self, device: Any, *args: Any, **kwargs: Any) -> "Attn2Dispatcher":
+        """ComfyUI's ModelPatcher.model_patches_to(x) calls `.to(x)` on each patch that has one
+        (and skips the rest): with the load device on every load (with MultiGPU work units, once
+        per GPU's copy of the model), then with the model's dtype, and with the offload device on
+        unload. IPAdapter's Attn2Replace answers a device with per-device copies of its kwargs;
+        the callbacks we adopted from it get the same here, by its rules: dtypes and the CPU are
+        ignored (IPAdapter stays on its load device; copying its module to the CPU on every
+        unload would only cost memory). Our hooks are shared by all layers and bring their
+        tensors to q's device themselves, so they stay. ComfyUI puts the result back in the slot.
+        """
+        if self.inner is not None and hasattr(self.inner, "to"):  # as ComfyUI would have moved it
+            self.inner = self.inner.to(device, *args, **kwargs)
+        if isinstance(device, torch.device) and device.type != "cpu" and device not in self.multigpu_kwargs:
+            self.multigpu_kwargs[device] = [_kwargs_for(kw, device) for kw in self.kwargs]
+        return self
 
     def with_hook(self, hook: AttentionHook) -> "Attn2Dispatcher":
         """A copy with one more hook; the model we were cloned from keeps its own."""
         new = copy.copy(self)
         new.hooks = [*self.hooks, hook]
         new.callback, new.kwargs = list(self.callback), list(self.kwargs)
+        new.multigpu_kwargs = {device: list(copies) for device, copies in self.multigpu_kwargs.items()}
         return new
 
     def _fused(self, q, k, v, extra_options: dict) -> torch.Tensor:
@@ -139,9 +201,10 @@ class Attn2Dispatcher:
             out = self._hooked(q, k, v, extra_options, call, active)
         if self.callback:
             sigma = call.sigma if call.sigma is not None else NO_SIGMA
-            for cb, kw in zip(self.callback, self.kwargs):
+            on_device = self.get_multigpu_kwargs(q.device)
+            for cb, kw, kw_here in zip(self.callback, self.kwargs, on_device):
                 if kw.get("sigma_end", 0.0) <= sigma <= kw.get("sigma_start", NO_SIGMA):
-                    out = out + cb(out, q, k, v, extra_options, **kw)
+                    out = out + cb(out, q, k, v, extra_options, **kw_here)
         return out.to(dtype)
 
     def _biased(self, q, k, v, extra_options, call: LayerCall, active: list) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .photomaker import build_photomaker_head
 from .postfuse import FastComposerPostfuse
 from .projector_config import PROJECTOR_KINDS, ProjectorConfig, UnknownProjectorKindError  # noqa: F401 - re-exported
 
@@ -24,8 +25,6 @@ def build_projector(config: ProjectorConfig) -> nn.Module:
     if config.kind == "fastcomposer_postfuse":
         return FastComposerPostfuse(config)
     if config.kind in ("photomaker_v1", "photomaker_v2"):  # SDXL; not for splice_identity: see stea.photomaker
-        from .photomaker import build_photomaker_head
-
         return build_photomaker_head(config)
     raise UnknownProjectorKindError(config.kind)
 
