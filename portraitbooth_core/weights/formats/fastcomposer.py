@@ -30,9 +30,7 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -42,9 +40,9 @@ import torch
 from ...atomic_files import atomic_target
 from ...face.clip_image import CLIP_VISION_DESCRIPTION, clip_vision_kind
 from ...stea.postfuse import FastComposerPostfuse, postfuse_config
-from ..safetensors_header import SafetensorsHeaderError, read_header
 from ..file import save_portraitbooth
 from ..meta import FaceEncoderSpec
+from .release import ReleaseWords, read_release
 
 log = logging.getLogger("portraitbooth.fastcomposer")
 
@@ -93,6 +91,10 @@ class OutputExistsError(FastComposerImportError):
 # ---------------------------------------------------------------- reading
 
 
+RELEASE_WORDS = ReleaseWords(TruncatedFileError, UnsafeFileError, "FastComposer's real pytorch_model.bin",
+                             SOURCE["weights"], "The released pytorch_model.bin is about 2.2-2.5 GB")
+
+
 def _unwrap(obj, source: str) -> dict[str, torch.Tensor]:
     # Training scripts sometimes nest the weights; the release is flat, but accept both.
     for key in ("state_dict", "model", "module"):
@@ -116,52 +118,7 @@ def load_release(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FastComposerImportError(f"{source} not found. Download pytorch_model.bin from "
                                       f"{SOURCE['weights']} and pass its path.")
-    if path.stat().st_size == 0:
-        raise TruncatedFileError(f"{source} is empty (0 bytes): the download failed. Download it again.")
-    if path.suffix == ".safetensors":
-        return _load_safetensors(path)
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            # Files from torch < 1.6 (or a plain pickle) are not zip archives and cannot be
-            # memory-mapped; read them normally, still with weights_only.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:
-            found = re.search(r"GLOBAL ([\w.]+)", text)
-            what = f" ({found.group(1)})" if found else ""
-            raise UnsafeFileError(
-                f"Refused {source}: it contains pickled Python objects{what} that would run code when loaded. "
-                f"FastComposer's real pytorch_model.bin holds plain tensors only, so this file is not it or has "
-                f"been tampered with. Do not load it with weights_only=False; download the official file from "
-                f"{SOURCE['weights']}.") from None
-        raise TruncatedFileError(f"{source} could not be read ({text}); it is truncated or corrupt. "
-                                 f"Download it again.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        size = path.stat().st_size
-        raise TruncatedFileError(
-            f"{source} ({size:,} bytes) could not be read: it is truncated or corrupt (torch: {exc}). "
-            f"The released pytorch_model.bin is about 2.2-2.5 GB; download it again.") from None
-    return _unwrap(obj, source)
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-
-    source = str(path)
-    try:
-        read_header(path)  # refuses a cut-off or foreign file before safetensors maps it
-    except SafetensorsHeaderError as exc:
-        raise TruncatedFileError(f"{exc}. Download it again.") from None
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:  # safetensors raises its own error types
-        raise TruncatedFileError(f"{source} could not be read ({exc}). Download it again.") from None
+    return _unwrap(read_release(path, RELEASE_WORDS), source)
 
 
 def describe_foreign(keys: Iterable[str]) -> str:

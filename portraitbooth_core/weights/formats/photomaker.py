@@ -33,9 +33,7 @@ import functools
 import json
 import logging
 import os
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -47,7 +45,7 @@ from ...stea.photomaker import (RESAMPLER_HEAD_WIDTH, build_photomaker_head,
                                 photomaker_v1_config, photomaker_v2_config)
 from ..file import save_portraitbooth
 from ..meta import FaceEncoderSpec
-from ..safetensors_header import SafetensorsHeaderError, read_header
+from .release import ReleaseWords, read_release
 
 log = logging.getLogger("portraitbooth.photomaker")
 
@@ -109,6 +107,11 @@ class UnsafeFileError(PhotoMakerImportError):
 
 class OutputExistsError(PhotoMakerImportError):
     pass
+
+
+RELEASE_WORDS = ReleaseWords(TruncatedFileError, UnsafeFileError, "PhotoMaker's real photomaker-v1.bin/-v2.bin",
+                             f"{WEIGHTS['v1']} or {WEIGHTS['v2']}",
+                             "photomaker-v1.bin is about 0.9 GB, photomaker-v2.bin about 1.8 GB")
 
 
 # ---------------------------------------------------------------- reading
@@ -173,46 +176,7 @@ def load_release(path: str | os.PathLike) -> Release:
     if not path.is_file():
         raise PhotoMakerImportError(f"{source} not found. Download photomaker-v1.bin ({WEIGHTS['v1']}) or "
                                     f"photomaker-v2.bin ({WEIGHTS['v2']}) and pass its path.")
-    size = path.stat().st_size
-    if size == 0:
-        raise TruncatedFileError(f"{source} is empty (0 bytes): the download failed. Download it again.")
-    if path.suffix == ".safetensors":
-        try:
-            read_header(path)  # refuses a cut-off or foreign file before safetensors maps it
-        except SafetensorsHeaderError as exc:
-            raise TruncatedFileError(f"{source} could not be read: {exc}. Download it again.") from None
-        from safetensors.torch import load_file
-
-        try:
-            return _split(load_file(str(path), device="cpu"), source)
-        except PhotoMakerImportError:
-            raise
-        except Exception as exc:  # safetensors raises its own error types
-            raise TruncatedFileError(f"{source} could not be read ({exc}). Download it again.") from None
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # not a zip archive: no mmap
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:
-            found = re.search(r"GLOBAL ([\w.]+)", text)
-            what = f" ({found.group(1)})" if found else ""
-            raise UnsafeFileError(
-                f"Refused {source}: it contains pickled Python objects{what} that would run code when loaded. "
-                f"PhotoMaker's real files hold plain tensors only, so this file is not one or has been tampered "
-                f"with. Do not load it with weights_only=False; download the official file ({WEIGHTS['v1']} or "
-                f"{WEIGHTS['v2']}).") from None
-        raise TruncatedFileError(f"{source} could not be read ({text}); it is truncated or corrupt. "
-                                 f"Download it again.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise TruncatedFileError(
-            f"{source} ({size:,} bytes) could not be read: it is truncated or corrupt (torch: {exc}). "
-            f"photomaker-v1.bin is about 0.9 GB, photomaker-v2.bin about 1.8 GB; download it again.") from None
-    return _split(obj, source)
+    return _split(read_release(path, RELEASE_WORDS), source)
 
 
 def detect_version(id_encoder: Mapping[str, object]) -> str:
