@@ -65,6 +65,8 @@ def benches(cuda: bool) -> list[Bench]:
         # runs that break the time down (its e2e_run_seconds record gives each phase's seconds).
         Bench("e2e_workflow.py", 210),
         Bench("stea_cost.py", 75, gpu_extra=["--pairs", "15"]),
+        # SDXL: builds a full-size random SDXL UNet (~30 s) before its figures.
+        Bench("photomaker_cost.py", 120),
         Bench("regions_cost.py", 120),
         Bench("train_step.py", 120),
         Bench("face_timing.py", 90, full=face_full, quick=face_quick),

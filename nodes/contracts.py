@@ -67,9 +67,12 @@ class STEAEntry:
     class_positions: one per subject, in subject order (face, face_2, ...).
     expression_positions/words: the prompt's expression words, found with the model's
     emotion_words (its own list, or every word of the vocabulary).
+    class_copies: PhotoMaker's stacked class tokens (SDXL), per subject every copy's
+    position; empty where each subject has one token (class_positions is then all there is).
     """
     base: str
     class_positions: tuple[int, ...]
+    class_copies: tuple[tuple[int, ...], ...] = ()
     expression_positions: tuple[int, ...] = ()
     expression_words: tuple[str, ...] = ()
     emotion_words: tuple[str, ...] = DEFAULT_EMOTION_WORDS
@@ -79,10 +82,19 @@ class STEAEntry:
             raise ConditioningContractError(
                 f"STEA entry has {len(self.expression_positions)} expression positions but "
                 f"{len(self.expression_words)} expression words; they come in pairs")
+        if self.class_copies and (len(self.class_copies) != len(self.class_positions)
+                                  or any(p not in c for p, c in zip(self.class_positions, self.class_copies))):
+            raise ConditioningContractError("STEA entry's class_copies do not hold one group per class position")
+
+    def subject_tokens(self) -> tuple[tuple[int, ...], ...]:
+        """Per subject, every token that carries its identity (one on SD1.5, the copies on SDXL)."""
+        return self.class_copies or tuple((p,) for p in self.class_positions)
 
     def to_dict(self) -> dict[str, Any]:
         # Empty and default fields are left out: the dict stays as small as the prompt needs.
         out: dict[str, Any] = {"class_positions": [int(p) for p in self.class_positions], "base": self.base}
+        if self.class_copies:
+            out["class_copies"] = [[int(p) for p in group] for group in self.class_copies]
         if self.expression_positions:
             out["expression_positions"] = [int(p) for p in self.expression_positions]
             out["expression_words"] = [str(w) for w in self.expression_words]
@@ -100,6 +112,7 @@ class STEAEntry:
         try:
             return cls(base=str(data.get("base", "sd15")),
                        class_positions=tuple(int(p) for p in data["class_positions"]),
+                       class_copies=tuple(tuple(int(p) for p in group) for group in data.get("class_copies", ())),
                        expression_positions=tuple(int(p) for p in data.get("expression_positions", ())),
                        expression_words=tuple(str(w) for w in data.get("expression_words", ())),
                        emotion_words=tuple(str(w) for w in data.get("emotion_words", DEFAULT_EMOTION_WORDS)))

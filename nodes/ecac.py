@@ -54,7 +54,9 @@ def word_positions(clip, text: str, identity_words: Sequence[str], stea_conditio
     found them, with the model's emotion words); else from `text` with the vocabulary."""
     entry = read_stea(stea_conditioning)
     if entry is not None and entry.class_positions:
-        identity, labels = list(entry.class_positions), {"identity": list(entry.class_positions)}
+        # every token carrying an identity: PhotoMaker's stacked copies on SDXL, one per subject on SD1.5
+        identity = [p for group in entry.subject_tokens() for p in group]
+        labels = {"identity": list(identity)}
         for word, positions in entry.expression_labels().items():
             labels.setdefault(word, []).extend(positions)
         return identity, list(entry.expression_positions), labels
@@ -122,7 +124,11 @@ class ECACAttentionPatch(CheckedNode):
                                tooltip="Cap on the identity word's attention inside the face."),
                 io.Float.Input("gamma", default=0.1, min=0.0, max=1.0, step=0.01,
                                tooltip="Floor on each expression word's attention inside the face."),
-                io.Combo.Input("layers", options=list(LAYER_CHOICES), default=next(iter(LAYER_CHOICES))),
+                io.Combo.Input("layers", options=list(LAYER_CHOICES), default=next(iter(LAYER_CHOICES)),
+                               tooltip="Where to steer and record: the cross-attention layers at a quarter of "
+                                       "the latent's resolution (16x16 at 512 px on SD1.5: 5 of 16 layers; "
+                                       "32x32 at 1024 px on SDXL: 60 of 70), coarse enough to be about words, "
+                                       "fine enough to outline a face; or every layer."),
                 io.Boolean.Input("capture_maps", default=True, tooltip="Record word maps for the preview node."),
                 io.Mask.Input("face_mask", optional=True,
                               tooltip="Where the face goes. Without it, the identity word's own attention at "

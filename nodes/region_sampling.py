@@ -58,11 +58,12 @@ def check_same_base(items: list[tuple[str, list]], model=None) -> None:
                               f"same checkpoint as the MODEL.")
 
 
-def identity_entry(conditioning: list) -> tuple[torch.Tensor, dict, list[int]] | None:
-    """(tensor, extra, class-token positions) of the first item Apply STEA Conditioning
-    marked with its identities (`contracts.STEAEntry`), or None."""
+def identity_entry(conditioning: list) -> tuple[torch.Tensor, dict, list[tuple[int, ...]]] | None:
+    """(tensor, extra, per subject its identity tokens) of the first item Apply STEA
+    Conditioning marked with its identities (`contracts.STEAEntry`), or None. A subject has
+    one token on SD1.5 and PhotoMaker's stacked copies on SDXL."""
     item = identity_item(conditioning)
-    return None if item is None else (item[0], item[1], list(item[2].class_positions))
+    return None if item is None else (item[0], item[1], list(item[2].subject_tokens()))
 
 
 def region_layout(regions: list[Region], latent: torch.Tensor, feather: float) -> Layout:
@@ -74,8 +75,8 @@ def region_layout(regions: list[Region], latent: torch.Tensor, feather: float) -
     return result
 
 
-def check_class_words(positive: list, regions: list[Region]) -> list[int]:
-    """The global prompt's class-token positions (Apply STEA output), one per region at most."""
+def check_class_words(positive: list, regions: list[Region]) -> list[tuple[int, ...]]:
+    """The global prompt's subjects' tokens (Apply STEA output), one subject per region at most."""
     entry = identity_entry(positive)
     if entry is None:
         return []
@@ -88,7 +89,7 @@ def check_class_words(positive: list, regions: list[Region]) -> list[int]:
 
 
 def regional_attention(model, positive: list, regions: list[Region], shares: torch.Tensor,
-                       class_positions: list[int]):
+                       class_positions: list[tuple[int, ...]]):
     """(patched model clone, positive with the identity tokens appended)."""
     lengths = {int(c.shape[1]) for c, _ in positive}
     if len(lengths) > 1:
@@ -101,8 +102,8 @@ def regional_attention(model, positive: list, regions: list[Region], shares: tor
         if entry is None:
             raise RegionError(f"{region.label}'s conditioning has no identity token: make it with Apply STEA "
                               f"Conditioning (a face + a class word), or use mode 'multidiffusion'.")
-        cond, extra, identity_positions = entry
-        tokens.append(cond[:, identity_positions])
+        cond, extra, subjects = entry
+        tokens.append(cond[:, [p for group in subjects for p in group]])
         windows.append((sampling.percent_to_sigma(extra.get("start_percent", 0.0)),
                         sampling.percent_to_sigma(extra.get("end_percent", 1.0))))
     extended = []
@@ -111,7 +112,7 @@ def regional_attention(model, positive: list, regions: list[Region], shares: tor
         extended.append([context, dict(extra)])
     groups = [TokenGroup(tuple(p), shares[i], *windows[i]) for i, p in enumerate(positions)]
     # class words of the global prompt: occurrence k belongs to region k as well
-    groups += [TokenGroup((p,), shares[k]) for k, p in enumerate(class_positions)]
+    groups += [TokenGroup(tuple(group), shares[k]) for k, group in enumerate(class_positions)]
     hook = RegionalAttention(groups, hidden)
     patched = model.clone()
     attn2 = (patched.model_options.setdefault("transformer_options", {})

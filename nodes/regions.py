@@ -82,7 +82,7 @@ class MultiSubjectRegionSampler(CheckedNode):
                         "denoising path per region fused by the masks (the paper's method; cost grows with "
                         "the number of subjects).",
             inputs=[
-                io.Model.Input("model", tooltip="The MODEL from Load PortraitBooth Model (or any SD1.5 model)."),
+                io.Model.Input("model", tooltip="The MODEL from Load PortraitBooth Model (SD1.5, or SDXL with a PhotoMaker file)."),
                 io.Conditioning.Input("positive", tooltip="Global prompt: the scene. Made with Apply STEA from "
                                       "all faces, its k-th class word is also confined to region k."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt, shared by every region."),

@@ -11,7 +11,8 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from portraitbooth_core.weights.family import model_context_dim, require_sd15
+from portraitbooth_core.stea.photomaker import PHOTOMAKER_KINDS
+from portraitbooth_core.weights.family import FAMILY_NAMES, model_context_dim, require_family
 from portraitbooth_core.weights.file import PortraitBoothModel, load_portraitbooth
 from portraitbooth_core.weights.meta import FROM_FILE, check_schedule
 
@@ -19,6 +20,7 @@ from .base import CheckedNode
 from .contracts import FaceEmbedding, Projector, model_defaults
 from .paths import checked_model_path
 from .stea_encode import as_identities, encode_with_identity
+from .stea_photomaker import encode_stacked
 
 log = logging.getLogger("portraitbooth")
 CATEGORY = "PortraitBooth/identity"
@@ -45,7 +47,7 @@ def load_cached(path: str) -> PortraitBoothModel:
     return _cache[path][1]
 
 
-def apply_unet_patch(model, patch: dict, strength: float):
+def apply_unet_patch(model, patch: dict, strength: float, base: str = "sd15"):
     """A clone of `model` with the patch added the way LoraLoaderModelOnly adds a LoRA."""
     import comfy.lora
     import comfy.lora_convert
@@ -59,7 +61,8 @@ def apply_unet_patch(model, patch: dict, strength: float):
     unmatched = sorted(set(loaded) - applied)
     if not loaded or unmatched:
         raise ValueError(f"the PortraitBooth UNet patch does not fit this MODEL ({len(unmatched) or len(patch)} "
-                         f"tensors unmatched, e.g. {(unmatched or sorted(patch))[:3]}); is the MODEL SD1.5?")
+                         f"tensors unmatched, e.g. {(unmatched or sorted(patch))[:3]}); is the MODEL "
+                         f"{FAMILY_NAMES.get(base, base)}, as the file is?")
     return patched
 
 
@@ -77,7 +80,9 @@ class LoadPortraitBoothModel(CheckedNode):
                         "outputs the STEA projector for Apply STEA Conditioning, with the settings the "
                         "file stores (identity start, CFG hint, identity kind) for its 'from file' inputs.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.5 diffusion model; it is cloned, never modified."),
+                io.Model.Input("model", tooltip="The diffusion model the file is made for: SD1.5 for PortraitBooth "
+                                                "and FastComposer files, SDXL for PhotoMaker's; it is cloned, never "
+                                                "modified."),
                 io.Combo.Input("portraitbooth_name", options=folder_paths.get_filename_list(FOLDER),
                                tooltip=f"PortraitBooth .safetensors file from {folders}."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
@@ -95,14 +100,15 @@ class LoadPortraitBoothModel(CheckedNode):
             raise FileNotFoundError(f"PortraitBooth file {portraitbooth_name!r} not found; put PortraitBooth "
                                     f".safetensors files in {folders}.")
         checked_model_path(path, "portraitbooth_name", portraitbooth_name)  # listed, but a link out is refused
-        # Checked for projector-only files too: the projector's token is SD1.5's, and an SD2
-        # MODEL would otherwise fail later in KSampler with a bare shape error.
-        require_sd15(model_context_dim(model), "the MODEL input", "connect the MODEL of an SD1.5 checkpoint")
         pb = load_cached(path)
+        # Checked for projector-only files too: the projector's token fits one family's text
+        # context, and another MODEL would otherwise fail later in KSampler with a bare shape error.
+        require_family(model_context_dim(model), pb.info.base, "the MODEL input", portraitbooth_name)
         # The defaults travel inside the projector output; shown here so a user sees what
         # "from file" will mean before looking at Apply STEA.
         text = f"{portraitbooth_name}: {model_defaults(pb).describe()}"
-        return io.NodeOutput(apply_unet_patch(model, pb.unet_patch, strength), pb, ui={"text": [text]})
+        return io.NodeOutput(apply_unet_patch(model, pb.unet_patch, strength, pb.info.base), pb,
+                             ui={"text": [text]})
 
 
 class ApplySTEAConditioning(CheckedNode):
@@ -118,14 +124,17 @@ class ApplySTEAConditioning(CheckedNode):
             description="Encodes the prompt like CLIP Text Encode, then replaces the class word's embedding "
                         "('man', 'woman', ...) with one that carries the face's identity.",
             inputs=[
-                io.Clip.Input("clip", tooltip="The SD1.5 CLIP text encoder."),
+                io.Clip.Input("clip", tooltip="The checkpoint's CLIP: SD1.5's for PortraitBooth and FastComposer files, "
+                                              "SDXL's (both text encoders) for PhotoMaker files."),
                 Projector.Input("projector", tooltip="From Load PortraitBooth Model."),
                 FaceEmbedding.Input("face", tooltip="Identity of the first subject (from Analyze Faces; for a "
                                                     "FastComposer file, from CLIP Vision Identity); a list of "
                                                     "identities counts as several subjects."),
                 io.String.Input("text", multiline=True, dynamic_prompts=True, default="a photo of a man, portrait",
                                 tooltip="The prompt. It must contain a class word (man, woman, person, ...) per "
-                                        "subject; weights like (man:1.2) and long prompts work."),
+                                        "subject; weights like (man:1.2) and long prompts work. PhotoMaker's "
+                                        "trigger 'img' after a class word ('a man img') is accepted and removed; "
+                                        "with triggers, the class words they follow are the subjects."),
                 io.String.Input("class_word", default="",
                                 tooltip="Empty: any class word the model knows. Or restrict to words, comma "
                                         "separated, e.g. 'woman'. 'auto': the words that fit each face's "
@@ -160,8 +169,8 @@ class ApplySTEAConditioning(CheckedNode):
             raise ValueError(f"start_percent/end_percent: {exc}; raise end_percent or set start_percent below "
                              f"it") from None
         faces = as_identities(face, face_2, face_3, face_4)
-        conditioning = encode_with_identity(clip, text, faces, projector, class_word, occurrence, strength, start,
-                                            end_percent)
+        encode = encode_stacked if projector.info.projector.kind in PHOTOMAKER_KINDS else encode_with_identity
+        conditioning = encode(clip, text, faces, projector, class_word, occurrence, strength, start, end_percent)
         used = f"identity from start {start:.2f} ({origin}) to end {end_percent:.2f}"
         if defaults.inference.cfg is not None:
             used += f"; {defaults.file} suggests CFG {defaults.inference.cfg:g} in the sampler"

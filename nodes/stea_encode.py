@@ -99,8 +99,10 @@ def encode_with_identity(clip, text: str, identities: Sequence[Identity], model:
             log.warning("PortraitBooth: %s", warning)
     tokens = clip.tokenize(text)
     if set(tokens) != {CLIP_KEY}:
-        raise ValueError(f"Apply STEA Conditioning works with SD1.5's CLIP-L text encoder; this CLIP has "
-                         f"text encoders {', '.join(sorted(tokens))}.")
+        family = "SDXL" if set(tokens) == {"g", "l"} else "not SD1.5"
+        raise ValueError(f"{model.info.projector.kind} files are made for SD1.5, whose CLIP is CLIP-L alone; this "
+                         f"CLIP has text encoders {', '.join(sorted(tokens))} ({family}). Connect the CLIP of an "
+                         f"SD1.5 checkpoint, or use a PhotoMaker file with SDXL.")
     # The class words plus the synonyms its training captions used ("boy" for "man").
     matcher = clip_matcher(clip, info.accepted_words)
     words = (auto_class_words(identities, info.accepted_words) if class_word.strip().lower() == AUTO

@@ -203,19 +203,85 @@ def sd15_parts(sd15_checkpoint):
 
 
 @pytest.fixture(scope="session")
-def template_models(tmp_path_factory, sd15_checkpoint) -> dict[str, str]:
-    """{model kind: folder} holding every stand-in the shipped templates load (standins/templates.py):
-    PortraitBooth files and a FastComposer release imported with the pack's importer."""
-    from standins.templates import build_template_models
+def sdxl_checkpoint() -> str:
+    """Name of a random-weight SDXL-family checkpoint (standins/sdxl.py: KOALA-like UNet, full
+    CLIP-L and bigG, TAESD; 1.8 GB) in the session's models/checkpoints/. Built once into the
+    host's cache and hard-linked there (copied where a link cannot be made): a test may
+    replace the file but must not write into it."""
+    from standins.sdxl import CHECKPOINT_NAME, build_sdxl_checkpoint
 
-    return build_template_models(tmp_path_factory.mktemp("template-models"),
-                                 release_cache=host.host_dir() / "cache" / "standins")
+    cached = build_sdxl_checkpoint(host.host_dir() / "cache" / "standins" / CHECKPOINT_NAME)
+    target = MODELS_DIR / "checkpoints" / CHECKPOINT_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        try:
+            os.link(cached, target)
+        except OSError:  # another file system, or links not allowed
+            shutil.copyfile(cached, target)
+    return CHECKPOINT_NAME
+
+
+@pytest.fixture(scope="module")
+def sdxl_parts(sdxl_checkpoint):
+    """(model, clip, vae) of the random SDXL-family checkpoint, loaded in-process per test
+    module (a second or two) and released after it: its full-size text encoders take several
+    GB, which the servers started by later tests need more."""
+    import gc
+
+    import comfy.model_management
+    import comfy.sd
+
+    path = MODELS_DIR / "checkpoints" / sdxl_checkpoint
+    model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    yield model, clip, vae
+    del model, clip, vae
+    comfy.model_management.unload_all_models()
+    gc.collect()
+
+
+@pytest.fixture(scope="session")
+def sdxl_photomaker_models(tmp_path_factory) -> dict[str, str]:
+    """{model kind: folder} with PhotoMaker v1 and v2 stand-ins for the SDXL stand-in, imported
+    by the pack's importer (portraitbooth/photomaker-v1-standin.safetensors, clip_vision/...;
+    standins/sdxl.py build_sdxl_photomaker_models); the releases are cached in the host's cache."""
+    from standins.sdxl import build_sdxl_photomaker_models
+
+    return build_sdxl_photomaker_models(tmp_path_factory.mktemp("sdxl-photomaker-models"),
+                                        release_cache=host.host_dir() / "cache" / "standins")
+
+
+def build_insightface_pack(root: Path, pack: str) -> Path:
+    """`root` laid out like models/insightface/ with one stand-in pack in buffalo_l's layout
+    (det_10g, w600k_r50, genderage: tests/standins_face.py); returns `root`."""
+    from standins_face import build_arcface_onnx, build_genderage_onnx, build_scrfd_onnx
+
+    folder = root / "models" / pack
+    build_scrfd_onnx(folder / "det_10g.onnx", layout="det_10g")
+    build_arcface_onnx(folder / "w600k_r50.onnx", seed=2)
+    build_genderage_onnx(folder / "genderage.onnx")
+    return root
+
+
+@pytest.fixture(scope="session")
+def template_models(tmp_path_factory, sd15_checkpoint, sdxl_checkpoint, sdxl_photomaker_models) -> dict[str, str]:
+    """{model kind: folder} holding every stand-in the shipped templates load (standins/templates.py):
+    PortraitBooth files, a FastComposer release imported with the pack's importer, the PhotoMaker
+    stand-ins (linked from sdxl_photomaker_models) and a stand-in insightface pack named
+    buffalo_l (PhotoMaker v2's). Both checkpoints are in the session's models/checkpoints/."""
+    from standins.templates import INSIGHTFACE_PACK, build_template_models
+
+    folder = tmp_path_factory.mktemp("template-models")
+    paths = build_template_models(folder, release_cache=host.host_dir() / "cache" / "standins",
+                                  photomaker_models=sdxl_photomaker_models)
+    paths["insightface"] = str(build_insightface_pack(folder / "insightface", INSIGHTFACE_PACK))
+    return paths
 
 
 @pytest.fixture(scope="session")
 def models_server(tmp_path_factory, template_models):
     """One real ComfyUI for the whole session that sees the templates' stand-in models
-    (shared by the template runs and the FastComposer tests); stopped at the end."""
+    (shared by the template runs and the FastComposer tests); stopped at the end. It may
+    hold the SD1.5 and the SDXL stand-ins at once: about 7 GB resident at its peak."""
     server = started_server(tmp_path_factory.mktemp("comfy-models"), extra_model_paths=template_models)
     yield server
     server.stop()

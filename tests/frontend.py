@@ -3,8 +3,10 @@
 Shared by the browser tests and two commands:
   python tests/frontend.py export    workflows/api/*.json (+ .note.md) -> the UI templates in
                                      workflows/, laid out by the frontend without overlaps
-  python tests/frontend.py pictures  the README's pictures in docs/images/: each template's
+  python tests/frontend.py pictures [template name ...]
+                                     the README's pictures in docs/images/: each template's
                                      canvas, and the attention-map preview of a stand-in run
+                                     (named templates: only their canvases)
 """
 from __future__ import annotations
 
@@ -294,10 +296,11 @@ def _open_checked(page, path: Path) -> None:
         raise SystemExit(f"{path.name}: {problems}")
 
 
-def make_pictures(repo: Path) -> list[Path]:
+def make_pictures(repo: Path, names: list[str] | None = None) -> list[Path]:
     """The README's pictures, into docs/images/: each UI template's canvas in the real frontend,
     and attention_preview.png, the expression template run on the stand-ins (random weights)
-    through the HTTP API: its image, then Attention Map Preview's overlay per word."""
+    through the HTTP API: its image, then Attention Map Preview's overlay per word.
+    names: only these templates' canvases (after editing a few templates)."""
     import io
     import tempfile
 
@@ -318,9 +321,17 @@ def make_pictures(repo: Path) -> list[Path]:
         models["checkpoints"] = str(build_sd15_checkpoint(Path(tmp) / "models" / "checkpoints" / checkpoint).parent)
         with ComfyServer(Path(tmp) / "comfy", extra_model_paths=models) as server, \
                 open_frontend(server.url) as page:
-            for path in sorted((repo / "workflows").glob("*.json")):
+            paths = sorted((repo / "workflows").glob("*.json"))
+            unknown = sorted(set(names or ()) - {p.stem for p in paths})
+            if unknown:
+                raise SystemExit(f"no UI template named {', '.join(unknown)} in workflows/")
+            for path in paths:
+                if names and path.stem not in names:
+                    continue
                 _open_checked(page, path)
                 written.append(canvas_picture(page, out / f"{path.stem}.png"))
+            if names:
+                return written
 
             photos = {f: server.client.upload_image(photos_dir() / f) for f in template_photos(EXPRESSION_TEMPLATE)}
             graph = standin_graph(EXPRESSION_TEMPLATE, checkpoint, photos, short_side=192, steps=8, batch=1)
@@ -343,14 +354,14 @@ def make_pictures(repo: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    _usage = "usage: python tests/frontend.py export [template name ...] | pictures"
+    _usage = "usage: python tests/frontend.py export [template name ...] | pictures [template name ...]"
     _repo = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(_repo))
     if sys.argv[1:2] == ["export"]:
         for _path in export_templates(_repo, sys.argv[2:]):
             print(_path)
-    elif sys.argv[1:] == ["pictures"]:
-        for _path in make_pictures(_repo):
+    elif sys.argv[1:2] == ["pictures"]:
+        for _path in make_pictures(_repo, sys.argv[2:]):
             print(f"{_path} ({_path.stat().st_size // 1024} KB)")
     else:
         sys.exit(_usage)

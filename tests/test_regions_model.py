@@ -122,7 +122,7 @@ def test_occurrences_of_one_class_word_map_to_regions_in_order(mods, parts):
     regions = regions_of(mods, [(stea(mods, parts, "a photo of a man", 1), LEFT),
                                 (stea(mods, parts, "a photo of a man", 2), RIGHT)])
     positions = rs.check_class_words(glob, regions)
-    assert positions == [2, 5]  # <start> a man and a man
+    assert positions == [(2,), (5,)]  # <start> a man and a man: one token per subject on SD1.5
     fused = rs.region_layout(regions, torch.zeros(LATENT), 0.15)
     patched, extended = rs.regional_attention(parts[0], glob, regions, fused.shares, positions)
     hook = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn2"].values())).hooks[-1]

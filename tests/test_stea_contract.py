@@ -136,4 +136,4 @@ def test_region_sampler_takes_identity_tokens_through_the_contract(pack, clip, m
     rs, encode = pack("region_sampling"), pack("stea_encode").encode_with_identity
     glob = encode(clip, "a man and a man", [identity(1), identity(2)], models["all"])
     tensor, _extra, positions = rs.identity_entry(glob)
-    assert positions == [2, 5] and tensor is glob[0][0]
+    assert positions == [(2,), (5,)] and tensor is glob[0][0]

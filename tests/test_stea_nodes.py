@@ -108,7 +108,8 @@ def test_projector_only_file_on_a_non_sd15_model_is_refused_at_load(tiny_model, 
     # of ComfyUI's objects (their classes need not support copying; 0.8.0's SD15 does not).
     sd2 = tiny_model_patcher(seed=0)
     sd2.model.model_config.unet_config = {**sd2.model.model_config.unet_config, "context_dim": 1024}
-    with pytest.raises(NotSD15Error, match=r"the MODEL input is not Stable Diffusion 1\.5 \(SD2, text context 1024"):
+    with pytest.raises(NotSD15Error, match=r"the MODEL input is SD2 \(text context 1024\), but pb_text_only"
+                                           r"\.safetensors is made for SD1\.5"):
         load(sd2, "pb_text_only.safetensors")
     with pytest.raises(NotSD15Error, match="SD2"):
         load(sd2, "pb_patch.safetensors")

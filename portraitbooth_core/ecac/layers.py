@@ -48,7 +48,8 @@ def cross_attention_layers(diffusion_model) -> list[CrossAttnLayer]:
     factor = 1
     for i, blk in enumerate(diffusion_model.input_blocks):
         factor = _scan(blk, "input", i, factor, layers)
-    factor = _scan(diffusion_model.middle_block, "middle", 0, factor, layers)
+    if diffusion_model.middle_block is not None:  # None in UNets without one (e.g. KOALA's)
+        factor = _scan(diffusion_model.middle_block, "middle", 0, factor, layers)
     for i, blk in enumerate(diffusion_model.output_blocks):
         factor = _scan(blk, "output", i, factor, layers)
     return layers

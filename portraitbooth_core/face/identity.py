@@ -172,6 +172,10 @@ def mix_identities(a: Identity, b: Identity, weight_b: float) -> Identity:
                             "vectors differ in scale. Analyze both with the same 'embedding' setting.")
     if not 0.0 <= weight_b <= 1.0:
         raise IdentityError(f"weight must be between 0 and 1, got {weight_b}")
+    if a.clip_hidden is not None or b.clip_hidden is not None:
+        raise IdentityError("PhotoMaker identities are stacks of photos, not one vector, so they cannot be blended "
+                            "by weight. To mix two people, as PhotoMaker does, give CLIP Vision Identity photos of "
+                            "both in one batch (more photos of one person pull the result towards them).")
     vector = (1.0 - weight_b) * a.vector + weight_b * b.vector
     if a.normalized:
         vector = F.normalize(vector, dim=-1)

@@ -125,6 +125,9 @@ def _serialise(identity: Identity, per_photo_embeddings: bool, source: str) -> t
     if not bool(torch.isfinite(vector).all()):
         raise IdentityFileError(f"{source}: the identity's vector is not finite; analyse the photos again.")
     tensors = {"vector": vector}
+    if identity.clip_hidden is not None and not per_photo_embeddings:
+        raise IdentityFileError(f"{source}: a PhotoMaker identity is its photos' rows (embedding + CLIP hidden "
+                                f"states, paired); turn per_photo_embeddings on to save it.")
     fields: dict[str, Any] = {}
     for name, value in ((f, getattr(identity, f)) for f in _fields()):
         if name in ("vector", "kind", "metadata") or name in NOT_STORED:
@@ -244,6 +247,11 @@ def _check_header(h: dict, shapes: dict[str, tuple[int, ...]], source: str) -> N
     if extra:
         raise IdentityFileError(f"{source}: unexpected tensor(s) {', '.join(extra)}; it is not an identity file "
                                 f"of this version.")
+    if "clip_hidden" in shapes:  # PhotoMaker: one row of CLIP hidden states per photo, paired with its embedding
+        hidden = tuple(shapes["clip_hidden"])
+        if not h["per_photo_embeddings"] or len(hidden) != 3 or hidden[0] != count:
+            raise IdentityFileError(f"{source}: tensor clip_hidden {hidden} does not hold one [tokens, width] row per "
+                                    f"photo ({count}) beside per-photo embeddings; save the identity again.")
     wrong = [f"{k} {tuple(shapes[k])} (expected {s})" for k, s in want.items() if tuple(shapes[k]) != s]
     if wrong:
         raise IdentityFileError(f"{source}: tensor shapes do not match its metadata: {'; '.join(wrong)}.")

@@ -82,6 +82,9 @@ class Identity:
     face_order: str = ""  # one of FACE_ORDERS, "" when unknown (a mix, an old file)
     gender: str | None = None  # "female" / "male" from a pack's gender/age model (majority of the photos)
     age: float | None = None  # mean estimated age in years, same model
+    # PhotoMaker: the CLIP vision tower's last_hidden_state per photo [N, T, C], row k paired
+    # with embeddings[k] (the photo's face embedding for v2, its pooled CLIP output for v1).
+    clip_hidden: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         # Identities made before `normalized` was a field said so in their metadata.

@@ -71,9 +71,12 @@ def reference_matrix(references: Sequence[Reference], kind: str | None = None) -
     rows = []
     for i, ref in enumerate(references):
         if isinstance(ref, Identity):
-            if kind is not None and ref.kind != kind:
+            # PhotoMaker v2's identity pairs CLIP states with this recognizer's raw embeddings:
+            # its face part scores like any identity the recognizer made.
+            ref_kind = ref.metadata.get("face_kind", ref.kind) if ref.clip_hidden is not None else ref.kind
+            if kind is not None and ref_kind != kind:
                 raise IdentityError(
-                    f"reference {i + 1} was analyzed with {ref.kind!r}, but the scoring encoder is {kind!r}. "
+                    f"reference {i + 1} was analyzed with {ref_kind!r}, but the scoring encoder is {kind!r}. "
                     "Analyze the reference with the same FaceEncoder that scores the images.")
             ref = ref.vector
         if isinstance(ref, torch.Tensor):

@@ -171,7 +171,9 @@ _words_of: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def tokenizer_words(tokenizer, key: str = "l") -> TokenizerWords:
-    """The (cached) TokenizerWords of a tokenizer; CLIP clones share their tokenizer."""
-    if tokenizer not in _words_of:
-        _words_of[tokenizer] = TokenizerWords(tokenizer, key)
-    return _words_of[tokenizer]
+    """The (cached) TokenizerWords of one encoder key of a tokenizer (SDXL's has "l" and
+    "g"); CLIP clones share their tokenizer."""
+    per_key = _words_of.setdefault(tokenizer, {})
+    if key not in per_key:
+        per_key[key] = TokenizerWords(tokenizer, key)
+    return per_key[key]

@@ -237,14 +237,28 @@ def fuse_class_tokens(head: nn.Module, class_tokens: torch.Tensor, *, pooled: to
     return head(tokens, ids.to(tokens.device).expand_as(tokens))
 
 
-def splice_photomaker(cond: torch.Tensor, positions: Sequence[int], head: nn.Module, **features) -> torch.Tensor:
+def splice_photomaker(cond: torch.Tensor, positions: Sequence[int], head: nn.Module, *, strength: float = 1.0,
+                      psi: torch.Tensor | None = None, weights: Sequence[float] | None = None,
+                      **features) -> torch.Tensor:
     """cond [B, T, D] with the K class-token copies at `positions` replaced by their fused
-    tokens (fuse_class_tokens); every other position bit-identical."""
+    tokens (fuse_class_tokens); every other position bit-identical.
+
+    psi: [B, K, D] the copies' *unweighted* text outputs (default: cond's, right when their
+    prompt weight is 1); weights: their K prompt weights. At a copy the result is
+    cond + strength * weight * (fused(psi) - psi), as STEA's splice_identity: exactly the
+    fused token at strength 1 and weight 1, the text alone at strength 0.
+    """
+    if strength == 0 or len(positions) == 0:
+        return cond
     index = torch.as_tensor(list(positions), dtype=torch.long, device=cond.device)
-    if len(index) and (int(index.min()) < 0 or int(index.max()) >= cond.shape[1]):
+    if int(index.min()) < 0 or int(index.max()) >= cond.shape[1]:
         raise ValueError(f"class-token position out of range: {list(positions)} for {cond.shape[1]} tokens")
+    at = cond[:, index].float()
+    psi = at if psi is None else psi.to(device=cond.device, dtype=torch.float32)
+    fused = fuse_class_tokens(head, psi, **features)
+    w = torch.ones(len(positions)) if weights is None else torch.tensor([float(x) for x in weights])
     out = cond.clone()
-    out[:, index] = fuse_class_tokens(head, cond[:, index], **features).to(cond.dtype)
+    out[:, index] = (at + strength * w.to(cond.device).view(1, -1, 1) * (fused - psi)).to(cond.dtype)
     return out
 
 

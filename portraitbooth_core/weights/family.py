@@ -47,6 +47,20 @@ def require_sd15(context_dim: int | None, what: str, fix: str = "") -> None:
                            + (f": {fix}" if fix else "."))
 
 
+class WrongFamilyError(NotSD15Error):
+    """A model of one family where a file made for another is used."""
+
+
+def require_family(context_dim: int | None, base: str, what: str, file: str) -> None:
+    """Raise WrongFamilyError naming both families unless the width is `base`'s ('sd15', 'sdxl')."""
+    if context_family(context_dim) == base and (base != "sdxl" or context_dim == 2048):
+        return
+    want = FAMILY_NAMES.get(base, base)
+    raise WrongFamilyError(f"{what} is {family_label(context_dim)} (text context {context_dim}), but {file} is made "
+                           f"for {want}: connect the {what.removeprefix('the ')} of an {want} checkpoint, or a "
+                           f"weight file made for {family_label(context_dim)}.")
+
+
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """(tensor name -> shape, metadata) from a .safetensors file's header (no size check;
     `read_header` from safetensors_header.py also refuses a truncated file)."""

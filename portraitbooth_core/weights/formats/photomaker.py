@@ -41,6 +41,7 @@ from typing import Iterable, Mapping
 import torch
 
 from ...atomic_files import atomic_target
+from ...face.photomaker_photos import PHOTOMAKER_V1_KIND, PHOTOMAKER_V2_KIND
 from ...stea.photomaker import (RESAMPLER_HEAD_WIDTH, build_photomaker_head,
                                 photomaker_v1_config, photomaker_v2_config)
 from ..file import save_portraitbooth
@@ -68,8 +69,7 @@ SDXL_UNET_CONFIG = dict(
     num_heads=-1, num_head_channels=64, use_spatial_transformer=True, use_linear_in_transformer=True,
     context_dim=2048, legacy=False, adm_in_channels=2816, num_classes="sequential", use_temporal_attention=False,
 )
-V1_KIND = "clip_vision:vit-l-14"
-V2_KIND = "clip_vision+arcface:vit-l-14+buffalo_l"
+V1_KIND, V2_KIND = PHOTOMAKER_V1_KIND, PHOTOMAKER_V2_KIND  # what CLIP Vision Identity's PhotoMaker modes make
 VIT_L14 = {"hidden_size": 1024, "num_hidden_layers": 24, "patch_size": 14, "image_size": 224, "projection_dim": 768}
 
 
