@@ -78,14 +78,29 @@ def taesd_state_dict(seed: int = 2) -> dict[str, torch.Tensor]:
 STANDIN_VERSION = "2"
 
 
-def _is_current(path: Path, seed: int) -> bool:
+def is_current(path: Path, stamp: str) -> bool:
+    """Whether `path` is a stand-in file of this recipe stamp (its safetensors metadata)."""
     from portraitbooth_core.weights.family import read_safetensors_header
 
+    if not path.is_file():
+        return False
     try:
         _, meta = read_safetensors_header(path)
     except (OSError, ValueError):
         return False
-    return meta.get("portraitbooth_standin_version") == f"{STANDIN_VERSION}:{seed}"
+    return meta.get("portraitbooth_standin_version") == stamp
+
+
+def save_standin(path: Path, sd: dict[str, torch.Tensor], description: str, stamp: str) -> Path:
+    """Write a stand-in checkpoint atomically (a per-process temp name, then a rename), so
+    two test runs building the same cached file never see half of one."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.part")
+    save_file(sd, str(tmp), metadata={"portraitbooth_standin": description, "portraitbooth_standin_version": stamp})
+    os.replace(tmp, path)
+    return path
 
 
 def build_sd15_checkpoint(path: str | os.PathLike, seed: int = 0,
@@ -95,10 +110,9 @@ def build_sd15_checkpoint(path: str | os.PathLike, seed: int = 0,
     Reused when a file of the same recipe and seed exists: building takes seconds,
     and every test run should not pay that again.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
-    if path.is_file() and _is_current(path, seed):
+    stamp = f"{STANDIN_VERSION}:{seed}"
+    if is_current(path, stamp):
         return path
     sd: dict[str, torch.Tensor] = {}
     for prefix, part in (("model.diffusion_model.", tiny_unet_state_dict(seed)),
@@ -106,12 +120,7 @@ def build_sd15_checkpoint(path: str | os.PathLike, seed: int = 0,
                          ("first_stage_model.", taesd_state_dict(seed + 2))):
         for k, v in part.items():
             sd[prefix + k] = v.to(dtype) if v.is_floating_point() else v
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.part")
-    save_file(sd, str(tmp), metadata={"portraitbooth_standin": "random-weight SD1.5 for tests",
-                                      "portraitbooth_standin_version": f"{STANDIN_VERSION}:{seed}"})
-    os.replace(tmp, path)
-    return path
+    return save_standin(path, sd, "random-weight SD1.5 for tests", stamp)
 
 
 def tiny_model_patcher(seed: int = 0):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .sd15 import randomize, taesd_state_dict
+from .sd15 import is_current, randomize, save_standin, taesd_state_dict
 
 # ComfyUI's config of the stand-in's UNet, as load_checkpoint_guess_config ends up with it
 # (detect_unet_config + KOALA_700M's unet_extra_config): what import_photomaker's
@@ -109,16 +109,6 @@ def sdxl_clip_state_dict(seed: int = 1, dtype: torch.dtype = torch.float16) -> d
     return {k: v.contiguous() for k, v in model_config.process_clip_state_dict_for_saving(sd).items()}
 
 
-def _is_current(path: Path, seed: int) -> bool:
-    from portraitbooth_core.weights.family import read_safetensors_header
-
-    try:
-        _, meta = read_safetensors_header(path)
-    except (OSError, ValueError):
-        return False
-    return meta.get("portraitbooth_standin_version") == f"{STANDIN_VERSION}:{seed}"
-
-
 def build_sdxl_checkpoint(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
     """Write a random SDXL-family checkpoint (KOALA-like UNet + full CLIP-L and bigG + TAESD)
     atomically; ComfyUI's CheckpointLoaderSimple loads it as an SDXL model.
@@ -126,10 +116,9 @@ def build_sdxl_checkpoint(path: str | os.PathLike, seed: int = 0, dtype: torch.d
     Reused when a file of the same recipe and seed exists: it is 1.8 GB, and every test
     run should not write that again.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
-    if path.is_file() and _is_current(path, seed):
+    stamp = f"{STANDIN_VERSION}:{seed}"
+    if is_current(path, stamp):
         return path
     sd: dict[str, torch.Tensor] = {}
     for prefix, part in (("model.diffusion_model.", standin_unet_state_dict(seed)),
@@ -137,12 +126,7 @@ def build_sdxl_checkpoint(path: str | os.PathLike, seed: int = 0, dtype: torch.d
         for k, v in part.items():
             sd[prefix + k] = v.to(dtype) if v.is_floating_point() else v
     sd.update(sdxl_clip_state_dict(seed + 1, dtype))  # already prefixed
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.part")
-    save_file(sd, str(tmp), metadata={"portraitbooth_standin": "random-weight SDXL-family (KOALA-like UNet) for tests",
-                                      "portraitbooth_standin_version": f"{STANDIN_VERSION}:{seed}"})
-    os.replace(tmp, path)
-    return path
+    return save_standin(path, sd, "random-weight SDXL-family (KOALA-like UNet) for tests", stamp)
 
 
 def with_identity_gain(release: dict[str, dict[str, torch.Tensor]],

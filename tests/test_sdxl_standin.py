@@ -90,14 +90,14 @@ def test_diffusers_layout_names_the_same_attention_layers_as_the_comfyui_config(
 def test_cache_stamp_names_recipe_and_seed(tmp_path):
     from safetensors.torch import save_file
 
-    from standins.sdxl import _is_current
+    from standins.sd15 import is_current
 
     path = tmp_path / "stamped.safetensors"
     for stamp, current in ((f"{STANDIN_VERSION}:0", True), (f"{STANDIN_VERSION}:1", False), ("2:0", False)):
         save_file({"x": torch.zeros(1)}, str(path), metadata={"portraitbooth_standin_version": stamp})
-        assert _is_current(path, 0) is current, stamp
+        assert is_current(path, f"{STANDIN_VERSION}:0") is current, stamp
     path.write_bytes(b"not a safetensors file")
-    assert not _is_current(path, 0)
+    assert not is_current(path, f"{STANDIN_VERSION}:0")
 
 
 # ---------------------------------------------------------------- the checkpoint in ComfyUI
