@@ -18,7 +18,7 @@ from portraitbooth_core.ecac.expression_words import matches
 from portraitbooth_core.face.photomaker_photos import PHOTOMAKER_V1_KIND, PHOTOMAKER_V2_FAMILY
 from portraitbooth_core.face.types import Identity
 from portraitbooth_core.stea.class_words import ClassWordError, parse_words, select_subjects, tokenizer_words
-from portraitbooth_core.stea.photomaker import PHOTOMAKER_V1, splice_photomaker
+from portraitbooth_core.stea.photomaker import PHOTOMAKER_V1, PHOTOMAKER_V2, splice_photomaker
 from portraitbooth_core.stea.stacked_prompt import TRIGGER_WORD, StackSite, stack_class_tokens, trigger_after
 from portraitbooth_core.weights.family import FAMILY_NAMES
 from portraitbooth_core.weights.file import PortraitBoothModel
@@ -26,10 +26,11 @@ from portraitbooth_core.weights.meta import EmbeddingMismatchError, check_embedd
 from portraitbooth_core.vocabulary import expression_words
 
 from .contracts import STEAEntry, write_stea
+from .stea_encode import AUTO, auto_class_words
 
 log = logging.getLogger("portraitbooth")
 SDXL_KEYS = ("g", "l")  # ComfyUI's SDXL tokenizer: OpenCLIP bigG and CLIP-L
-MODES = {PHOTOMAKER_V1: "PhotoMaker v1", "photomaker_v2": "PhotoMaker v2"}
+MODES = {PHOTOMAKER_V1: "PhotoMaker v1", PHOTOMAKER_V2: "PhotoMaker v2"}  # CLIP Vision Identity's modes
 
 
 def check_photomaker_identity(model: PortraitBoothModel, face: Identity) -> str | None:
@@ -64,29 +65,34 @@ def head_features(model: PortraitBoothModel, face: Identity) -> dict[str, torch.
 
 
 def _sites(tokens: dict, key: str, words: Sequence[str], accepted: Sequence[str], subjects: int, occurrence: int,
-           clip) -> tuple[list, list[int]]:
-    """(chosen class-word hits, trigger token counts) for one encoder key."""
+           clip) -> tuple[list, list[int], list[tuple]]:
+    """(chosen class-word hits, their trigger token counts, the other triggers' (hit, count))
+    for one encoder key."""
     lookup = tokenizer_words(clip.tokenizer, key)
     hits = lookup.matcher(accepted).find(tokens[key])
     trigger = lookup.ids_of(TRIGGER_WORD)
-    end_id = _end_id(lookup)
-    marked = [h for h in hits if trigger_after(tokens[key], h, trigger, end_id)]
+    end_id = _special_ids(lookup)[1]
+    counts = [trigger_after(tokens[key], h, trigger, end_id) for h in hits]
+    marked = [h for h, n in zip(hits, counts) if n]
     # With triggers, the class words they mark are the subjects (as PhotoMaker's prompts say).
     chosen = select_subjects(marked or hits, subjects, lookup.matcher(accepted).words, words, occurrence)
-    return chosen, [trigger_after(tokens[key], h, trigger, end_id) for h in chosen]
+    # A trigger is markup, not text: it goes after every class word, chosen or not.
+    others = [(h.chunk, h.index, n) for h, n in zip(hits, counts) if n and h not in chosen]
+    return chosen, [counts[hits.index(h)] for h in chosen], others
 
 
-def _end_id(lookup) -> int:
-    return int(lookup.tokenize("")[0][1][0])  # "" tokenizes to [start, end, pad...]
+def _special_ids(lookup) -> tuple[int, int, int]:
+    """(start, end, pad) of one encoder: "" tokenizes to [start, end, pad...]."""
+    start, end, pad = (int(t[0]) for t in lookup.tokenize("")[0][:3])
+    return start, end, pad
 
 
 def restack(clip, tokens: dict, sites: Sequence[StackSite]) -> tuple[dict, list[list[int]]]:
     """Both encoders' tokens with the sites stacked, and the copies' positions (checked equal)."""
     stacked, copies = {}, None
     for key in SDXL_KEYS:
-        lookup = tokenizer_words(clip.tokenizer, key)
-        start_id, end_id, pad_id = (int(t[0]) for t in lookup.tokenize("")[0][:3])
-        stacked[key], positions = stack_class_tokens(tokens[key], sites, start_id, end_id, pad_id)
+        stacked[key], positions = stack_class_tokens(tokens[key], sites,
+                                                     *_special_ids(tokenizer_words(clip.tokenizer, key)))
         if copies is not None and positions != copies:
             raise ClassWordError("SDXL's two tokenizers disagree on the stacked class tokens' positions")
         copies = positions
@@ -111,17 +117,20 @@ def encode_stacked(clip, text: str, identities: Sequence[Identity], model: Portr
         warning = check_photomaker_identity(model, face)
         if warning:
             log.warning("PortraitBooth: %s", warning)
-    words = parse_words(class_word)
+    words = (auto_class_words(identities, info.accepted_words) if class_word.strip().lower() == AUTO
+             else parse_words(class_word))
     per_key = {key: _sites(tokens, key, words, info.accepted_words, len(identities), occurrence, clip)
                for key in SDXL_KEYS}
-    (hits, triggers), (other, other_triggers) = per_key["l"], per_key["g"]
-    if [(h.chunk, h.index, h.word) for h in hits] != [(h.chunk, h.index, h.word) for h in other] \
-            or triggers != other_triggers:
+    (hits, triggers, others), (g_hits, g_triggers, g_others) = per_key["l"], per_key["g"]
+    if [(h.chunk, h.index, h.word) for h in hits] != [(h.chunk, h.index, h.word) for h in g_hits] \
+            or triggers != g_triggers or others != g_others:
         raise ClassWordError("SDXL's two tokenizers placed the class words differently; rewrite the prompt "
                              "around the class word (e.g. 'a photo of a man img, ...').")
     per_photo = model.projector.tokens_per_photo
     sites = [StackSite(h.chunk, h.index, face.count * per_photo, t) for h, face, t in zip(hits, identities, triggers)]
+    sites += [StackSite(chunk, index, 1, n) for chunk, index, n in others]
     stacked, copies = restack(clip, tokens, sites)
+    copies = copies[:len(hits)]
     # Before start_percent PhotoMaker uses the text alone: the trigger dropped, one class word.
     text_only = None
     if start_percent > 0.0 or end_percent < 1.0:

@@ -351,3 +351,13 @@ def test_ecac_and_the_attention_preview_run_on_sdxl_with_the_stacked_identity_to
         preview = pack_nodes["PortraitBoothAttentionPreview"].execute(patched, image, 0.6).args[0]
     assert preview.shape[0] == 2 and torch.isfinite(preview).all()
     assert len(copies) == 4
+
+
+def test_class_word_auto_follows_the_gender_and_every_trigger_is_removed(clip, apply):
+    woman = photos(1, 51, "v1")
+    woman.gender = "female"
+    got = apply("a man img walks past a woman img", "v1", woman, class_word="auto")
+    assert got[0][1]["portraitbooth"]["class_copies"] == [[6]]  # <start> a man walks past a woman
+    plain = encode(clip, "a man walks past a woman")[0]  # no "img" left, after either class word
+    keep = [i for i in range(77) if i != 6]
+    assert torch.equal(got[0][0][:, keep], plain[:, keep])
