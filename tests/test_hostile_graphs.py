@@ -224,8 +224,12 @@ def _allowed_roots(hostile: dict) -> list[str]:
     import sysconfig
 
     # SESSION_BASE: the session's models (the stand-in checkpoint) and custom_nodes.
+    # Where the server's Python imports from: its prefix and site-packages, and any folder a
+    # .pth file adds (editable installs, a venv layered on another's packages); never "/".
+    imports = [p for p in sys.path if os.path.isabs(p) and os.path.isdir(p) and os.path.realpath(p) != "/"]
     roots = [COMFY_DIR, SESSION_BASE, REPO, hostile["work"], hostile["base"] / "audit", sys.prefix, sys.base_prefix,
-             sys.exec_prefix, sysconfig.get_paths()["stdlib"], *site.getsitepackages(), "/dev", "/proc", "/sys"]
+             sys.exec_prefix, sysconfig.get_paths()["stdlib"], *site.getsitepackages(), *imports,
+             "/dev", "/proc", "/sys"]
     roots = {os.path.realpath(r) for r in roots} | {os.path.abspath(r) for r in roots}
     return sorted(r.rstrip("/") or "/" for r in roots)
 

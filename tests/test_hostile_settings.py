@@ -288,13 +288,22 @@ def test_widget_and_extra_settings_refusals_are_reported_once_under_their_input(
         errors = caught.value.details["node_errors"]["1"]["errors"]
         assert len(errors) == 1 and errors[0]["extra_info"]["input_name"] == name, (name, errors)
         assert words in json.dumps(errors[0]), (name, errors)
+    # A V3 combo's choices: ComfyUI 0.3.75 does not check them (the node refuses on entry to
+    # execute), 0.8.0 does at queue time. Either way: once, under the input's name.
+    try:
+        odd_mode = client.submit(_graph(mode="sideways"))
+    except ComfyError as exc:
+        errors = exc.details["node_errors"]["1"]["errors"]
+        assert len(errors) == 1 and errors[0]["extra_info"]["input_name"] == "mode", errors
+        odd_mode = None
     # what ComfyUI cannot check refuses on entry to execute: once, naming the input
     ran = {"learning_rate": dict(learning_rate=math.nan), "dataset": dict(dataset="faces\x00"),
-           "mode": dict(mode="sideways"),  # ComfyUI 0.3.75 does not check a V3 combo's choices
            "extra_settings line 1: micro_batch": dict(extra_settings="micro_batch=512"),
            "extra_settings line 2: lora_targets": dict(extra_settings="id_weight=0\nlora_targets="
                                                                       "^([a-z_0-9.]|[a-z_0-9.]){0,20}!")}
     prompts = {name: client.submit(_graph(**over)) for name, over in ran.items()}
+    if odd_mode is not None:
+        prompts["mode"] = odd_mode
     for name, prompt_id in prompts.items():
         with pytest.raises(ComfyError) as caught:
             client.wait(prompt_id, timeout=120)
