@@ -94,11 +94,24 @@ def _config(args):
     return load_config(args.config, _config_overrides(args))
 
 
+def _command(args) -> str:
+    """This command as the user typed it (for the run lock's record and the Ctrl-C hint)."""
+    import shlex
+
+    return shlex.join(["python", "-m", "training", *args.argv])
+
+
 def _train(args) -> int:
+    import torch
+
     from .run import distributed as D
     from portraitbooth_core.weights.finite import NonFiniteWeightsError
 
+    from .dataset.shards import check_dataset
+    from .models.load import check_checkpoint
     from .run.dip_check import IdentityLossError
+    from .run.lifecycle import RunLockedError, remove_stale_temps
+    from .run.ownership import hold_run, inspect_run
     from .run.trainer import Trainer
     from .models.warm_start import WarmStartError
     from .run.stage0 import check_settings
@@ -109,12 +122,26 @@ def _train(args) -> int:
     except WarmStartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # The inputs, before the ranks are set up and the run folder is made: a wrong path fails now.
+    check_checkpoint(config.checkpoint)
+    check_dataset(config.dataset)
     dist = D.setup(args.device)
+    lock, trainer, interrupted = None, None, False
     try:
+        # One run per folder: rank 0 holds <output>/run.lock until the run ends (the kernel drops
+        # it if the run is killed); the other ranks learn from one all-reduce whether it could.
+        held_elsewhere = None
+        if dist.main:
+            try:
+                lock = hold_run(config.output, _command(args), "cli")
+            except RunLockedError as exc:
+                held_elsewhere = str(exc)
+        if D.all_sum(torch.tensor([float(held_elsewhere is not None)], dtype=torch.float64), dist).item():
+            if held_elsewhere:
+                print(f"error: --output {held_elsewhere}", file=sys.stderr)
+            return 2
         # An existing run continues only with its own settings (run/ownership.py). Every rank
         # reads the folder before rank 0 changes it, so all refuse or all go on.
-        from .run.ownership import inspect_run
-
         claim = inspect_run(config, world=dist.world)
         D.barrier(dist)
         refusal = claim.refusal(args.overwrite, "cli")
@@ -124,6 +151,7 @@ def _train(args) -> int:
         if dist.main:
             for note in claim.apply(args.overwrite):
                 print(f"[train] {note}")
+            remove_stale_temps(config.output)  # a killed run's half-written checkpoint: nobody else writes here
         D.barrier(dist)
         try:
             trainer = Trainer(config, dist)
@@ -142,9 +170,41 @@ def _train(args) -> int:
         if path is not None:
             print(f"[train] exported {path}")
         trainer.close()
+    except KeyboardInterrupt:  # Ctrl-C (torchrun passes it on to every rank): where the run stands, how to go on
+        interrupted = True
+        if dist.main:
+            print(f"error: {_interrupted(args, config, trainer)}", file=sys.stderr)
+        return 130
     finally:
-        D.teardown(dist)
+        try:
+            D.teardown(dist, wait=not interrupted)
+        finally:
+            if lock is not None:
+                lock.release()
     return 0
+
+
+def _interrupted(args, config, trainer) -> str:
+    """What Ctrl-C left: the step reached, the newest checkpoint, the command that resumes."""
+    from .run.checkpoint import PATTERN, list_checkpoints
+    from .run.lifecycle import under_torchrun
+
+    at = f" at step {trainer.step} of {config.steps}" if trainer is not None else ""
+    command = _command(args)
+    if under_torchrun():
+        import shlex
+
+        command = f"the same torchrun command (torchrun <its options> -m training {shlex.join(args.argv)})"
+    found = list_checkpoints(Path(config.output) / "checkpoints")
+    if not found:
+        return (f"interrupted (Ctrl-C){at}, before the run in {config.output} saved a checkpoint "
+                f"(save_every={config.save_every}); to start it again run: {command}")
+    saved = int(PATTERN.match(found[-1].name).group(1))
+    lost = ""
+    if trainer is not None and trainer.step > saved:
+        lost = f"; steps {saved + 1}-{trainer.step} are trained again"
+    return (f"interrupted (Ctrl-C){at}. The run in {config.output} keeps its checkpoints; the newest is "
+            f"{found[-1]} (step {saved}){lost}. Resume it with: {command}")
 
 
 def _export(args) -> int:
@@ -157,8 +217,12 @@ def _export(args) -> int:
 
     config = _config(args)
     found = load_latest(Path(config.output) / "checkpoints")
-    if found is not None:  # the run's own settings (mode, EMA, ...), then what the command line says
-        config = apply_overrides(apply_overrides(config, found[1]["config"]), _config_overrides(args)).validate()
+    if found is None:  # before the dataset and models load: there is nothing to export
+        print(f"error: --output {config.output}: no checkpoint in {Path(config.output) / 'checkpoints'}; give --output "
+              f"(or `output` in --config) the run folder `python -m training train` wrote.", file=sys.stderr)
+        return 1
+    # The run's own settings (mode, EMA, ...), then what the command line says.
+    config = apply_overrides(apply_overrides(config, found[1]["config"]), _config_overrides(args)).validate()
     trainer = Trainer(config, identity_loss=False)  # exporting needs no recognizer
     if trainer.resumed_from is None:
         print(f"no checkpoint under {Path(trainer.config.output) / 'checkpoints'}", file=sys.stderr)
@@ -175,7 +239,11 @@ def _precompute(args) -> int:
     import torch
 
     from .build.precompute import precompute
+    from .dataset.shards import check_dataset
+    from .models.load import check_checkpoint
 
+    check_dataset(args.dataset)  # both inputs before any model loads
+    check_checkpoint(args.model, "--model")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     report = precompute(args.dataset, args.model, device, batch_size=args.batch_size, dtype=args.dtype)
     print(f"[precompute] {report['samples']} samples in {report['shards']} shard(s): {report['written']} written, "
@@ -258,8 +326,10 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("output", help="dataset folder to write (the one a single build would write)")
     m.add_argument("parts", nargs="+", help="the part folders, all N of them")
     m.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUTPUT")
-    for name in ("train", "export"):
-        t = sub.add_parser(name)
+    for name, words in (("train", "train PortraitBooth on a dataset (continues the run in --output; several "
+                                  "ranks under torchrun)"),
+                        ("export", "write the weight file the nodes load from a run's newest checkpoint")):
+        t = sub.add_parser(name, help=words, description=words)
         t.add_argument("--config", help="JSON or TOML file with TrainConfig fields")
         t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable)")
         t.add_argument("--checkpoint", help="SD1.5 checkpoint (.safetensors) to start from")
@@ -299,20 +369,42 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from headless.comfyui import find_comfyui, import_comfyui
-
-    import_comfyui(cpu=True if getattr(args, "device", "auto") == "cpu" else None, path=find_comfyui())
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message already names the input, setting or file and the fix: printed as
+    one line, not a traceback."""
+    from .build.sources import SourceFolderError
     from .config import SettingError
+    from .dataset.storage import DatasetFileError
+    from .models.load import CheckpointFileError
+    from .run.lifecycle import RunLockedError
 
+    # SettingError: a --config file or --set value (config.LIMITS); DatasetFileError: a
+    # --dataset that is missing, not a dataset, or has a malformed file.
+    return SettingError, DatasetFileError, CheckpointFileError, SourceFolderError, RunLockedError
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .run.lifecycle import die_with_launcher
+
+    die_with_launcher()  # first: a rank torchrun started ends with torchrun, even while it imports
+    args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return {"build": _build, "merge": _merge, "train": _train, "export": _export, "precompute": _precompute,
-                "import-fastcomposer": _import_fastcomposer, "import-photomaker": _import_photomaker}[args.command](args)
-    except SettingError as exc:  # a --config/--set value outside its range (config.LIMITS): the fix, not a traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        from headless.comfyui import find_comfyui, import_comfyui
+
+        import_comfyui(cpu=True if getattr(args, "device", "auto") == "cpu" else None, path=find_comfyui())
+        known = _user_errors()
+        try:
+            return {"build": _build, "merge": _merge, "train": _train, "export": _export, "precompute": _precompute,
+                    "import-fastcomposer": _import_fastcomposer,
+                    "import-photomaker": _import_photomaker}[args.command](args)
+        except known as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:  # train says more itself (its checkpoint and the command that resumes)
+        print(f"error: interrupted (Ctrl-C) during `{args.command}`.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

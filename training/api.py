@@ -20,6 +20,7 @@ import torch
 from .config import TrainConfig, apply_overrides, load_config
 from .run.dip_check import IdentityLossError  # noqa: F401 - part of the API: what check_identity_loss raises
 from .run.ownership import RESULT_SETTINGS, ResumeError  # noqa: F401 - part of the API: what check_resume raises
+from .run.ownership import RunInUseError  # noqa: F401 - part of the API: run_training's ResumeError for a busy folder
 
 # (step, total steps, that step's logged values: losses, lr, step_s)
 StepCallback = Callable[[int, int, dict], None]
@@ -165,7 +166,8 @@ def run_training(settings: Mapping[str, Any], *, device: torch.device | None = N
     `owner` (the DIP Trainer's output_name; None: not checked) and with its result-changing
     settings, else ResumeError as check_resume says. With overwrite, another owner takes the
     run over and other settings start it over; RunResult.notes says so, and which of the
-    previous owner's checkpoints keep_last deleted.
+    previous owner's checkpoints keep_last deleted. A folder another live run holds (its
+    run.lock) is refused with RunInUseError, a ResumeError naming that run.
 
     Gradients are on and torch's global RNG is left as it was, whatever the caller's
     context (ComfyUI executes nodes under inference mode). recognizer_roots: the folders
@@ -178,30 +180,38 @@ def run_training(settings: Mapping[str, Any], *, device: torch.device | None = N
     """
     from .run.checkpoint import list_checkpoints
     from .run.distributed import Dist
+    from .run.lifecycle import remove_stale_temps
     from .run.metrics import read_metrics
-    from .run.ownership import inspect_run
+    from .run.ownership import hold_run, inspect_run
     from .run.trainer import Trainer
 
     config = load_config(None, dict(settings))
-    claim = inspect_run(config, owner)
-    refusal = claim.refusal(overwrite, "node" if node_words else "api")
-    if refusal:
-        raise ResumeError(refusal)
-    notes = claim.apply(overwrite)
-    # The previous owner's checkpoints that survived the claim (not started over).
-    theirs = list_checkpoints(Path(config.output) / "checkpoints") if claim.foreign else []
-    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
-        roots = None if recognizer_roots is None else [Path(r) for r in recognizer_roots]
-        trainer = Trainer(config, Dist(device=device or torch.device("cpu")), recognizer_roots=roots,
-                          node_words=node_words, index_cache=index_cache)
-        try:
-            claim.record()
-            if on_step is not None:
-                on_step(trainer.step, config.steps, {})
-            weights = trainer.run(on_step, export_to)
-            step = trainer.step
-        finally:
-            trainer.close()
+    words = "node" if node_words else "api"
+    # One run per folder (run/lifecycle.py): another live run there is refused, naming it.
+    lock = hold_run(config.output, f"training.api.run_training{f', output_name {owner!r}' if owner else ''}", words)
+    try:
+        claim = inspect_run(config, owner)
+        refusal = claim.refusal(overwrite, words)
+        if refusal:
+            raise ResumeError(refusal)
+        notes = claim.apply(overwrite)
+        remove_stale_temps(config.output)  # a killed run's half-written checkpoint
+        # The previous owner's checkpoints that survived the claim (not started over).
+        theirs = list_checkpoints(Path(config.output) / "checkpoints") if claim.foreign else []
+        with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+            roots = None if recognizer_roots is None else [Path(r) for r in recognizer_roots]
+            trainer = Trainer(config, Dist(device=device or torch.device("cpu")), recognizer_roots=roots,
+                              node_words=node_words, index_cache=index_cache)
+            try:
+                claim.record()
+                if on_step is not None:
+                    on_step(trainer.step, config.steps, {})
+                weights = trainer.run(on_step, export_to)
+                step = trainer.step
+            finally:
+                trainer.close()
+    finally:
+        lock.release()
     pruned = [p.name for p in theirs if not p.exists()]
     if pruned:
         notes.append(f"keep_last={config.keep_last} deleted the checkpoints of output_name '{claim.recorded_owner}': "

@@ -323,6 +323,25 @@ def _parse_value(text: str, key: str = "the value") -> Any:
         return text
 
 
+def unknown_settings_message(names: Iterable[Any]) -> str:
+    """The refusal of settings that do not exist: each with the nearest real name when one
+    is close (a typo, a shortened name), else the list of every setting."""
+    import difflib
+
+    shown, guessed = [], True
+    for name in names:
+        near = difflib.get_close_matches(str(name), KINDS, n=1, cutoff=0.6)
+        shown.append(f"{str(name)[:80]} (did you mean {near[0]}?)" if near else str(name)[:80])
+        guessed = guessed and bool(near)
+    text = f"unknown training setting(s): {', '.join(shown)[:600]}"
+    return text + "." if guessed else f"{text}; known: {', '.join(sorted(KINDS))}"
+
+
+class ConfigFileError(SettingError):
+    """A config file (--config) that cannot be read or is not a table of settings; the
+    message names the file and what to fix."""
+
+
 def apply_overrides(config: TrainConfig, values: dict | Iterable[str]) -> TrainConfig:
     """A copy with `values` applied: a dict, or 'key=value' strings from `--set`."""
     if not isinstance(values, dict):
@@ -335,8 +354,7 @@ def apply_overrides(config: TrainConfig, values: dict | Iterable[str]) -> TrainC
         values = pairs
     unknown = sorted(set(values) - set(KINDS), key=str)
     if unknown:
-        raise SettingError(f"unknown training setting(s): {', '.join(map(str, unknown))[:600]}; known: "
-                         f"{', '.join(sorted(KINDS))}")
+        raise SettingError(unknown_settings_message(unknown))
     changes = {k: check_setting(k, v) for k, v in values.items()}  # each value against its one range
     return dataclasses.replace(config, **changes)
 
@@ -346,14 +364,28 @@ def load_config(path: str | Path | None = None, overrides: dict | Iterable[str] 
     config = TrainConfig()
     if path:
         path = Path(path)
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigFileError(f"{path}: the config file does not exist; check the path, or leave the file out "
+                                  f"and give settings with --set name=value.") from None
+        except IsADirectoryError:
+            raise ConfigFileError(f"{path}: is a folder; give a .toml or .json file of settings.") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 "
+                                  f"TOML or JSON.") from None
+        except OSError as exc:  # permissions, a broken link, ...
+            raise ConfigFileError(f"{path}: cannot be read ({exc.strerror or exc}); fix the file or its "
+                                  f"permissions.") from None
         try:
             data = tomllib.loads(text) if path.suffix == ".toml" else \
                 load_json_bytes(text, str(path), max_bytes=16 << 20)
         except ValueError as exc:  # TOMLDecodeError and JSONDecodeError both are
-            raise SettingError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({exc}).") from None
+            raise ConfigFileError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({exc}).") \
+                from None
         if not isinstance(data, dict):
-            raise SettingError(f"{path}: expected a table of settings (name = value), got {type(data).__name__}.")
+            raise ConfigFileError(f"{path}: expected a table of settings (name = value), got "
+                                  f"{type(data).__name__}.")
         try:
             config = apply_overrides(config, data)
         except ValueError as exc:

@@ -180,8 +180,8 @@ class DatasetBuilder:
 
     def build(self) -> dict:
         """Build (or finish building) the dataset; returns the report."""
+        names = list_people(self.source)  # first: a wrong source folder leaves no empty output folder behind
         self.output.mkdir(parents=True, exist_ok=True)
-        names = list_people(self.source)
         journal = self._open(names)
         todo = [n for n in part_names(names, self.part) if n not in journal.done]
         writer = DatasetWriter(self.output, self.settings.shard_size, journal)

@@ -22,6 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from portraitbooth_core.optional import require
+from portraitbooth_core.paths import BadInputError
 
 from .person import IMAGE_EXTS, VIDEO_EXTS, Person, SkipError
 
@@ -31,12 +32,22 @@ TARGET_FRACTIONS = (0.1, 0.9)  # where in a video target frames are taken
 REFERENCE_FRACTION = 0.5
 
 
+class SourceFolderError(BadInputError, FileNotFoundError):
+    """The source folder of a build is missing or not a folder; the message names it and
+    says what it must hold."""
+
+
+SOURCE_HOLDS = "a folder with one sub-folder of photos and videos per person (or a CelebV-Text root)"
+
+
 def list_people(root: str | Path) -> list[str]:
     """Names of root's person folders (sub-folders not starting with "."), sorted; one
-    directory listing, nothing inside the folders is read."""
+    directory listing, nothing inside the folders is read. Raises SourceFolderError."""
     root = Path(root)
+    if not root.exists():
+        raise SourceFolderError(f"the source folder {root} does not exist; give {SOURCE_HOLDS}.")
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset source folder not found: {root}")
+        raise SourceFolderError(f"the source {root} is a file, not a folder; give {SOURCE_HOLDS}.")
     from .celebv_text import is_celebv_text_root, list_clips
 
     if is_celebv_text_root(root):  # CelebV-Text's own layout: each clip is a person

@@ -19,7 +19,7 @@ from portraitbooth_core.paths import check_file_name, check_text, inside
 
 from .index_file import FORMAT, INDEX, INDEX_NAMES, MAX_INDEX_BYTES, MAX_SHARDS, check_index, read_index  # noqa: F401
 from .shard_index import open_compact
-from .storage import MAX_OPEN_FILES, DatasetLocation, RangeReader
+from .storage import MAX_OPEN_FILES, DatasetLocation, DatasetNotFoundError, RangeReader, missing_dataset_message
 
 def write_json_atomic(path: Path, data) -> None:
     """Temp file, fsync, rename: a crash leaves the old file or the new one, never half."""
@@ -67,6 +67,18 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+def check_dataset(folder: str | os.PathLike) -> DatasetLocation:
+    """The dataset at `folder`, checked to have an index.json (nothing else is read), or
+    DatasetNotFoundError saying why it is no dataset and how to make one."""
+    if not os.fspath(folder).strip():  # Path("") would be the current folder
+        raise DatasetNotFoundError("no dataset given (the dataset setting is empty); give the folder "
+                                   "`python -m training build` wrote, or build the dataset with it.")
+    location = DatasetLocation(folder)
+    if not location.exists(INDEX):
+        raise DatasetNotFoundError(missing_dataset_message(location))
+    return location
+
+
 class ShardReader:
     """Random access to every sample of a built dataset: `read(i)` -> {ext: bytes}.
 
@@ -85,11 +97,8 @@ class ShardReader:
         node's in ComfyUI's temp folder); the dataset folder is then never written. None:
         beside the dataset when it is writable (the command line: the user's own folder),
         else storage.cache_root()."""
-        self.location = DatasetLocation(folder)
+        self.location = check_dataset(folder)
         self.folder = self.location.root
-        shown = self.location.describe(INDEX)
-        if not self.location.exists(INDEX):
-            raise FileNotFoundError(f"{shown} does not exist; build the dataset with `python -m training build`.")
         self.index, raw = read_index(self.location)
         self.compact = open_compact(self.location, self.index, raw, index_cache)
         self.files = RangeReader(self.location, max_open)

@@ -27,6 +27,26 @@ class DatasetFileError(BadInputError):
     not); the message names the file and the field, and says what to do."""
 
 
+class DatasetNotFoundError(DatasetFileError, FileNotFoundError):
+    """No dataset where one was named: the setting is empty, the folder does not exist, or
+    it holds no index.json; the message names the folder and how to make a dataset."""
+
+
+def missing_dataset_message(location: "DatasetLocation") -> str:
+    """Why `location` (which has no index.json) is not a dataset, and the fix."""
+    build = "build the dataset with `python -m training build <people folders> <dataset>`"
+    if location.remote:
+        return f"{location.describe('index.json')} does not exist; {build}, or give the URL of one it wrote."
+    root = location.root
+    if not root.exists():
+        return (f"the dataset folder {root} does not exist; give the folder `python -m training build` wrote, "
+                f"or {build}.")
+    if not root.is_dir():
+        return f"{root} is a file, not a dataset folder; give the folder `python -m training build` wrote."
+    return (f"{root} is not a dataset: it has no index.json. Give the folder `python -m training build` wrote, "
+            f"or {build}.")
+
+
 def url_protocol(where: str) -> str | None:
     """'s3' for 's3://bucket/x', None for a local path (or a file:// URL)."""
     m = _PROTOCOL.match(where)

@@ -7,12 +7,15 @@ train); bf16 comes from autocast instead.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from portraitbooth_core.paths import BadInputError
 from portraitbooth_core.weights.family import model_context_dim, require_sd15
 
 from ..config import TrainConfig
@@ -54,11 +57,29 @@ class Models:
         return self.vae.process_output(out.float())
 
 
+class CheckpointFileError(BadInputError, FileNotFoundError):
+    """The SD1.5 checkpoint a run (or precompute) starts from is not given or is not a file;
+    the message names the setting, the path and what to give."""
+
+
+def check_checkpoint(path: str | os.PathLike, setting: str = "checkpoint") -> Path:
+    """The SD1.5 checkpoint file `path`, checked to exist before anything loads (a missing
+    file then fails in a second, naming `setting`, not minutes later in ComfyUI's loader)."""
+    want = "give the SD1.5 .safetensors checkpoint to start from"
+    if not os.fspath(path).strip():
+        raise CheckpointFileError(f"{setting}: not set; {want}.")
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointFileError(f"{setting}: {path} does not exist; check the path, or {want}.")
+    if not path.is_file():
+        raise CheckpointFileError(f"{setting}: {path} is not a file; {want}.")
+    return path
+
+
 def load_models(config: TrainConfig, device: torch.device) -> Models:
     import comfy.sd
 
-    if not config.checkpoint:
-        raise ValueError("no checkpoint: set `checkpoint` to an SD1.5 .safetensors file")
+    check_checkpoint(config.checkpoint)
     patcher, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(
         config.checkpoint, output_vae=True, output_clip=True, model_options={"dtype": torch.float32})
     if clip is None or vae is None:

@@ -6,6 +6,7 @@
   trainer      the loop: resume, micro-batches, optimizer, logging, checkpoints, export
   checkpoint   saving, loading and pruning checkpoints of the run folder
   ownership    run.json: whose a run folder is and the settings it continues with
+  lifecycle    one run per folder (run.lock), ranks that end with torchrun, stale temp files
   ema          exponential moving average of the trained weights
   distributed  torchrun ranks: process group, reductions
   metrics      metrics.jsonl, TensorBoard, the progress line

@@ -29,6 +29,7 @@ import torch
 from ..config import TrainConfig
 from ..dataset.samples import decode
 from ..dataset.shards import ShardReader
+from .lifecycle import loader_worker_init, under_torchrun
 
 IDENTITY, TEXT_ONLY, UNCOND = 0, 1, 2
 
@@ -241,6 +242,8 @@ def loader_workers(requested: int) -> int:
 def make_loader(dataset: PositionDataset, sampler: MicroBatchSampler, workers: int, prefetch_factor: int,
                 pin_memory: bool) -> torch.utils.data.DataLoader:
     extra = {"prefetch_factor": prefetch_factor} if workers > 0 else {}
+    if workers > 0 and under_torchrun():  # killing torchrun ends the ranks, and their loader workers with them
+        extra["worker_init_fn"] = loader_worker_init
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                                        pin_memory=pin_memory, **extra)
 

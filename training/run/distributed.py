@@ -39,9 +39,12 @@ def setup(device: str = "auto") -> Dist:
     return Dist(rank, world, local, dev)
 
 
-def teardown(info: Dist) -> None:
+def teardown(info: Dist, wait: bool = True) -> None:
+    """End the process group; wait=False skips the final barrier (after Ctrl-C, when the
+    other ranks may already be gone and a barrier would wait for them forever)."""
     if info.enabled and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -30,6 +30,7 @@ from portraitbooth_core.bounded_json import read_json_file
 
 from ..config import TrainConfig, load_config
 from .checkpoint import PATTERN, list_checkpoints, load_latest
+from .lifecycle import RunLock, RunLockedError
 
 log = logging.getLogger("portraitbooth.training")
 
@@ -65,20 +66,38 @@ FIXES = {
                          "run_name empty) for a new run, or turn on overwrite to start this run over (its "
                          "checkpoints and logs are deleted)",
              "owner": "use another output_name (with run_name empty) for a run of your own, or turn on overwrite "
-                      "to take this run over (its checkpoints are then pruned by keep_last)"},
+                      "to take this run over (its checkpoints are then pruned by keep_last)",
+             "busy": "wait for that run to end or stop it, or use another output_name (with run_name empty) for a "
+                     "run of your own"},
     "cli": {"settings": "pass the recorded values (--config/--set) to continue it, another --output for a new run, "
                         "or --overwrite to start this run over (its checkpoints and logs are deleted)",
-            "owner": "use another --output for a run of your own, or --overwrite to take this run over"},
+            "owner": "use another --output for a run of your own, or --overwrite to take this run over",
+            "busy": "wait for it to end or stop it, or use another --output for a run of your own"},
     "api": {"settings": "pass the recorded values to continue it, another `output` folder for a new run, or "
                         "overwrite=True to start this run over (its checkpoints and logs are deleted)",
             "owner": "use another `output` folder for a run of your own, or overwrite=True to take this run over "
-                     "(its checkpoints are then pruned by keep_last)"},
+                     "(its checkpoints are then pruned by keep_last)",
+            "busy": "wait for it to end or stop it, or use another `output` folder for a run of your own"},
 }
 
 
 class ResumeError(ValueError):
     """A run folder that cannot be continued with these settings or by this owner (or whose
     checkpoint is unreadable); the message names each difference and the way on."""
+
+
+class RunInUseError(ResumeError, RunLockedError):
+    """The run folder is held by another live run (lifecycle.RunLock): a ResumeError, so a
+    caller that refuses a run on ResumeError (the DIP Trainer) refuses this one too."""
+
+
+def hold_run(folder: str | os.PathLike, by: str, words: str = "api") -> RunLock:
+    """Hold the run folder for this run (lifecycle.RunLock) until release(), or raise
+    RunInUseError naming the live holder and the way on, in the caller's words (FIXES)."""
+    try:
+        return RunLock.acquire(folder, by, FIXES[words]["busy"])
+    except RunLockedError as exc:
+        raise RunInUseError(str(exc)) from None
 
 
 def result_settings(config: TrainConfig) -> dict[str, Any]:
