@@ -24,7 +24,7 @@ class ReleaseWords:
     unsafe: type[Exception]      # raised for a pickle that would run code
     real_file: str               # e.g. "FastComposer's real pytorch_model.bin"
     official: str                # where the official file is, e.g. its download page
-    size_note: str               # e.g. "The released pytorch_model.bin is about 2.2-2.5 GB"
+    size_note: str               # what is known of the real file's size, e.g. its parameter count
 
 
 def read_release(path: Path, words: ReleaseWords) -> Any:
