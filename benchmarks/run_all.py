@@ -61,6 +61,7 @@ def benches(cuda: bool) -> list[Bench]:
     return [
         # One UNet evaluation or text encode takes milliseconds on a GPU: more pairs cost little.
         Bench("ecac_cost.py", 75, gpu_extra=["--pairs", "15"]),
+        Bench("dispatch_budget.py", 60, full=[]),  # counts, not timings: no --full mode
         # 150 s for the interleaved figures + ~45 s for the 2-step pairs and the block-ordered
         # runs that break the time down (its e2e_run_seconds record gives each phase's seconds).
         Bench("e2e_workflow.py", 210),

@@ -9,9 +9,15 @@ window, on the uncond pass and at strength 0 nothing changes.
 The region is a user mask, or else the identity token's own attention at the previous
 model evaluation (averaged over the controlled layers, min-max normalised, thresholded):
 where the model already draws the person is where the face will be.
+
+Nothing here reads the device on the host: the schedule window and "is there a region
+yet" are device-side gates, computed once per model evaluation and folded into the blend
+weight (0 outside: the probabilities come back unchanged); token columns, resampled
+regions and the previous evaluation's identity map stay on the device.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Sequence
@@ -19,7 +25,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .dispatch import LayerCall
+from .dispatch import Gate, LayerCall, PerEvaluation, gate_and, gate_or, in_window, like
 
 
 @dataclass(frozen=True)
@@ -32,34 +38,82 @@ class ControlSettings:
     region_threshold: float = 0.5  # of the normalised identity map, when no mask is given
 
 
+@dataclass(frozen=True)
+class TokenColumns:
+    """The identity, expression and free columns of a row, on one device: made once per
+    prompt length, so an edit is elementwise ops on masks and gathers with index tensors
+    (no Python lists, no tensor built per call). Masks and indices are None when empty."""
+    identity: torch.Tensor | None       # (tokens,) bool
+    identity_cols: torch.Tensor | None  # their positions (long)
+    expression: torch.Tensor | None     # (tokens,) bool
+    fixed_cols: torch.Tensor            # identity then expression positions, the order the sums used
+    free: torch.Tensor                  # (tokens,) bool
+    free_cols: torch.Tensor | None
+    one: torch.Tensor                   # 1.0, the "unchanged" scale (a tensor: no scalar op per call)
+
+    @classmethod
+    def make(cls, identity: Sequence[int], expression: Sequence[int], tokens: int, device,
+             dtype: torch.dtype = torch.float32) -> "TokenColumns | None":
+        expr = sorted({p for p in expression if 0 <= p < tokens})
+        ident = sorted({p for p in identity if 0 <= p < tokens} - set(expr))
+        if not (ident or expr):
+            return None
+        fixed = set(ident + expr)
+        free = [t for t in range(tokens) if t not in fixed]
+
+        def mask(cols: list[int]) -> torch.Tensor | None:
+            if not cols:
+                return None
+            m = torch.zeros(tokens, dtype=torch.bool)
+            m[cols] = True
+            return m.to(device)
+
+        def index(cols: list[int]) -> torch.Tensor | None:
+            return torch.tensor(cols, dtype=torch.long, device=device) if cols else None
+
+        return cls(mask(ident), index(ident), mask(expr), index(ident + expr), mask(free), index(free),
+                   torch.ones((), dtype=dtype, device=device))
+
+
 def constrain_rows(probs: torch.Tensor, identity: Sequence[int], expression: Sequence[int],
                    beta: float, gamma: float) -> torch.Tensor:
     """Rows of probs (..., tokens): identity mass capped at beta, each expression token
     raised to gamma, the remaining tokens rescaled to fill the rest. Rows already within
     the limits come back unchanged."""
-    tokens = probs.shape[-1]
-    expression = sorted({p for p in expression if 0 <= p < tokens})
-    identity = sorted({p for p in identity if 0 <= p < tokens} - set(expression))
-    fixed = identity + expression
-    if not fixed:
-        return probs
-    out = probs.clone()
-    if identity:
-        mass = probs[..., identity].sum(-1, keepdim=True)
-        out[..., identity] = probs[..., identity] * torch.where(mass > beta, beta / mass.clamp_min(1e-12), 1.0)
-    if expression:
-        out[..., expression] = probs[..., expression].clamp_min(gamma)
-    fixed_mass = out[..., fixed].sum(-1, keepdim=True)
+    cols = TokenColumns.make(identity, expression, probs.shape[-1], probs.device, probs.dtype)
+    return probs if cols is None else constrain(probs, cols, beta, gamma)
+
+
+def constrain(probs: torch.Tensor, cols: TokenColumns, beta: float, gamma: float) -> torch.Tensor:
+    """constrain_rows with the columns made once. Sums gather their columns as before
+    (same values, same order: bit-identical results); the edits are masked selects."""
+    out = probs
+    if cols.identity_cols is not None:
+        mass = probs.index_select(-1, cols.identity_cols).sum(-1, keepdim=True)
+        scale = torch.where(mass > beta, beta / mass.clamp_min(1e-12), cols.one)
+        out = torch.where(cols.identity, probs * scale, out)
+    if cols.expression is not None:
+        out = torch.where(cols.expression, probs.clamp_min(gamma), out)
+    fixed_mass = out.index_select(-1, cols.fixed_cols).sum(-1, keepdim=True)
     over = fixed_mass > 1.0  # beta + k*gamma > 1: the targets alone fill the row
-    out[..., fixed] = torch.where(over, out[..., fixed] / fixed_mass, out[..., fixed])
-    fixed_mass = fixed_mass.clamp_max(1.0)
-    free = [t for t in range(tokens) if t not in set(fixed)]
-    if free:
-        free_mass = probs[..., free].sum(-1, keepdim=True)
-        scale = (1.0 - fixed_mass) / free_mass.clamp_min(1e-12)
-        touched = (out[..., fixed] != probs[..., fixed]).any(-1, keepdim=True)  # exact no-op elsewhere
-        out[..., free] = probs[..., free] * torch.where(touched, scale, 1.0)
+    # Free columns divided here too are replaced below: no mask needed.
+    out = torch.where(over, out / fixed_mass, out)
+    if cols.free_cols is not None:
+        free_mass = probs.index_select(-1, cols.free_cols).sum(-1, keepdim=True)
+        scale = (1.0 - fixed_mass.clamp_max(1.0)) / free_mass.clamp_min(1e-12)
+        # Rows whose fixed columns changed (where a free one was divided above, a fixed one
+        # was too): the others stay exactly as they were.
+        touched = (out != probs).any(-1, keepdim=True)
+        out = torch.where(cols.free, probs * torch.where(touched, scale, cols.one), out)
     return out
+
+
+def _not(g: Gate) -> Gate:
+    return (not g) if isinstance(g, bool) else ~g
+
+
+def _where(g: Gate, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a if g else b) if isinstance(g, bool) else torch.where(g, a, b)
 
 
 class ExpressionControl:
@@ -72,71 +126,172 @@ class ExpressionControl:
         self.identity, self.expression = list(identity), list(expression)
         self.settings = settings
         self.mask = None if mask is None else (mask[None] if mask.ndim == 2 else mask).float()
-        self._sigma: float | None = None
-        self._acc: torch.Tensor | None = None   # identity maps of the evaluation in progress
-        self._count = 0
+        self._evaluation = PerEvaluation()       # gates and weights of the evaluation in progress
+        self._columns: dict[tuple, TokenColumns | None] = {}
+        self._mask_regions: dict[tuple, torch.Tensor] = {}  # mask resampled per layer size
+        # Without a mask: the identity map of the evaluation in progress, per layer size
+        # (rows, heads, h*w, [identity mass, row sum = 1: counts the layers]), and the
+        # region it left, both on the device with a device flag for "there is one".
+        self._last_sigma: torch.Tensor | float | None = None
+        self._acc: dict[tuple[int, int], torch.Tensor] = {}
+        self._acc_key: tuple | None = None      # (rows, latent size) the maps were recorded at
+        self._identity_cols: dict[tuple, torch.Tensor | None] = {}
         self._region: torch.Tensor | None = None  # (rows, H, W) from the previous evaluation
-
-    def _in_window(self, sigma: float | None) -> bool:
-        s = self.settings
-        return sigma is None or s.sigma_end <= sigma <= s.sigma_start
+        self._valid: Gate = False
 
     def wants(self, call: LayerCall) -> bool:
         if self.settings.strength == 0 or not (self.identity or self.expression):
             return False
+        if self._evaluation.begin(call.sigma) and self.mask is None:
+            self._roll(call.sigma)  # first call of an evaluation: last one's map becomes the region
         if self.mask is not None:
-            return self._in_window(call.sigma)
-        self._roll(call.sigma)  # first call of an evaluation: last one's map becomes the region
+            return self._window(call) is not False
         # Without a mask, also read the steps before the window: they supply the region.
-        return call.sigma is None or call.sigma >= self.settings.sigma_end
+        return self._recording(call) is not False
 
-    def modifies(self, call: LayerCall) -> bool:
-        return self._in_window(call.sigma) and (self.mask is not None or self._region is not None)
+    def _window(self, call: LayerCall) -> Gate:
+        s = self.settings
+        return self._evaluation.get(call.sigma, "window", lambda: in_window(call.sigma, s.sigma_start, s.sigma_end))
 
-    def _roll(self, sigma: float | None) -> None:
-        # A new model evaluation: the finished one's identity map becomes the region.
-        if sigma == self._sigma:
+    def _recording(self, call: LayerCall) -> Gate:
+        end = self.settings.sigma_end
+        return self._evaluation.get(call.sigma, "recording", lambda: in_window(call.sigma, math.inf, end))
+
+    def modifies(self, call: LayerCall) -> Gate:
+        if self.mask is not None:
+            return self._window(call)
+        if self._region is None:
+            return False
+        return self._evaluation.get(call.sigma, "modifies", lambda: gate_and(self._window(call), self._valid))
+
+    def _roll(self, sigma) -> None:
+        # A new model evaluation: the finished one's identity map becomes the region, the
+        # region is forgotten when sigma rose (a new sampling run), and a repeated sigma
+        # keeps accumulating. All compared on the device when sigma is a tensor.
+        last, self._last_sigma = self._last_sigma, sigma
+        if sigma is None or last is None:
+            same, rose = sigma is None and last is None, False
+        elif torch.is_tensor(sigma) or torch.is_tensor(last):
+            ref = sigma if torch.is_tensor(sigma) else last
+            s, l = like(sigma, ref), like(last, ref)
+            same, rose = s == l, s > l
+        else:
+            same, rose = sigma == last, sigma > last
+        if same is True:
             return
-        if sigma is not None and self._sigma is not None and sigma > self._sigma:
-            self._region = None  # sigma rose: a new sampling run
-        elif self._acc is not None:
-            m = self._acc / self._count
-            lo = m.flatten(1).min(1).values[:, None, None]
-            hi = m.flatten(1).max(1).values[:, None, None]
-            self._region = (((m - lo) / (hi - lo).clamp_min(1e-12)) > self.settings.region_threshold).float()
-        self._sigma, self._acc, self._count = sigma, None, 0
+        if not self._acc:
+            self._valid = gate_and(self._valid, _not(rose))
+            return
+        candidate, has = self._candidate()
+        take = gate_and(gate_and(_not(same), _not(rose)), has)
+        if self._region is None or self._region.shape != candidate.shape:
+            self._region, self._valid = candidate, take
+        else:
+            self._region = _where(take, candidate, self._region)
+            self._valid = gate_or([gate_and(self._valid, same), gate_and(gate_and(_not(same), _not(rose)),
+                                                                         gate_or([has, self._valid]))])
+        if same is False:
+            self._acc = {}
+        else:
+            fresh = ~same
+            for acc in self._acc.values():
+                acc.masked_fill_(fresh, 0.0)
+
+    def _candidate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(region from the accumulated identity maps, device flag: anything recorded)."""
+        rows, latent = self._acc_key
+        total, count = None, None
+        for size, acc in self._acc.items():
+            m = acc[..., 0].mean(1).reshape(rows, 1, *size)
+            m = F.interpolate(m, size=latent, mode="bilinear", align_corners=False)[:, 0]
+            total = m if total is None else total + m
+            layers = acc[0, 0, 0, 1]  # every probability row sums to 1: the layers recorded
+            count = layers if count is None else count + layers
+        count = count.round()
+        m = total / count.clamp_min(1.0)
+        lo = m.flatten(1).min(1).values[:, None, None]
+        hi = m.flatten(1).max(1).values[:, None, None]
+        region = (((m - lo) / (hi - lo).clamp_min(1e-12)) > self.settings.region_threshold).float()
+        return region, count > 0
 
     def _record_identity(self, probs: torch.Tensor, call: LayerCall) -> None:
-        keep = [p for p in self.identity if p < probs.shape[-1]]
-        if not keep:
+        gate = self._recording(call)
+        if gate is False:
             return
-        m = probs.detach().mean(1)[..., keep].sum(-1).reshape(-1, 1, *call.size)
-        m = F.interpolate(m, size=call.latent_size, mode="bilinear", align_corners=False)[:, 0]
-        if self._acc is None or self._acc.shape != m.shape:
-            self._acc, self._count = torch.zeros_like(m), 0
-        self._acc += m
-        self._count += 1
+        tokens, device = probs.shape[-1], probs.device
+        key = (tokens, device, probs.dtype)
+        if key not in self._identity_cols:
+            keep = [p for p in self.identity if p < tokens]
+            cols = torch.zeros(tokens, 2, dtype=probs.dtype)
+            cols[keep, 0] = 1.0
+            cols[:, 1] = 1.0
+            self._identity_cols[key] = cols.to(device) if keep else None
+        cols = self._identity_cols[key]
+        if cols is None:
+            return
+        if (probs.shape[0], call.latent_size) != self._acc_key:
+            self._acc, self._acc_key = {}, (probs.shape[0], call.latent_size)
+        m = (probs.detach() if probs.requires_grad else probs) @ cols  # (rows, heads, h*w, 2)
+        acc = self._acc.get(call.size)
+        if acc is None:
+            self._acc[call.size] = m if gate is True else m * gate
+        elif gate is True:
+            acc.add_(m)
+        else:
+            acc.addcmul_(m, self._evaluation.get(call.sigma, "recording_f", lambda: gate.to(m.dtype)))
 
     def region(self, call: LayerCall, rows: int, device) -> torch.Tensor | None:
         """(rows, h*w) weights in [0, 1] for this layer, or None when there is none yet."""
         if self.mask is not None:
-            items = [r % call.chunk_size for r in call.cond_rows]
-            src = self.mask[[i % self.mask.shape[0] for i in items]]
-        elif self._region is not None and self._region.shape[0] == rows:
-            src = self._region
-        else:
+            items = tuple(r % call.chunk_size for r in call.cond_rows)
+            key = (call.size, items, str(device))
+            if key not in self._mask_regions:  # the mask is fixed: resample once per layer size
+                src = self.mask[[i % self.mask.shape[0] for i in items]]
+                m = F.interpolate(src[:, None].to(device), size=call.size, mode="bilinear", align_corners=False)
+                self._mask_regions[key] = m.reshape(rows, -1).clamp(0, 1)
+            return self._mask_regions[key]
+        if self._region is None or self._region.shape[0] != rows:
             return None
-        m = F.interpolate(src[:, None].to(device), size=call.size, mode="bilinear", align_corners=False)
-        return m.reshape(rows, -1).clamp(0, 1)
+        return self._evaluation.get(call.sigma, ("region", call.size, rows, str(device)), lambda: F.interpolate(
+            self._region[:, None].to(device), size=call.size, mode="bilinear", align_corners=False
+        ).reshape(rows, -1).clamp(0, 1))
+
+    def _weight(self, call: LayerCall, rows: int, device) -> torch.Tensor | None:
+        """strength * region, (rows, 1, h*w, 1), times the evaluation's gate (0 where it is
+        off: the blend then returns the probabilities exactly); None when nothing edits."""
+        gate = self.modifies(call)
+        if gate is False:
+            return None
+
+        def ungated():
+            region = self.region(call, rows, device)
+            return None if region is None else (self.settings.strength * region)[:, None, :, None]
+
+        key = ("weight", call.size, tuple(call.cond_rows), call.chunk_size, str(device))
+        if self.mask is not None:  # fixed for the run: made once per layer size
+            if key not in self._mask_regions:
+                self._mask_regions[key] = ungated()
+            weight = self._mask_regions[key]
+        else:
+            weight = self._evaluation.get(call.sigma, key, ungated)
+        if weight is None or gate is True:
+            return weight
+        return self._evaluation.get(call.sigma, (key, "gated"), lambda: weight * gate.to(weight.dtype))
+
+    def _token_columns(self, tokens: int, device, dtype) -> TokenColumns | None:
+        key = (tokens, str(device), dtype)
+        if key not in self._columns:
+            self._columns[key] = TokenColumns.make(self.identity, self.expression, tokens, device, dtype)
+        return self._columns[key]
 
     def process(self, probs: torch.Tensor, call: LayerCall) -> torch.Tensor:
         if self.mask is None:
             self._record_identity(probs, call)
-        if not self.modifies(call):
+        weight = self._weight(call, probs.shape[0], probs.device)
+        if weight is None:
             return probs
-        region = self.region(call, probs.shape[0], probs.device)
-        if region is None:
+        cols = self._token_columns(probs.shape[-1], probs.device, probs.dtype)
+        if cols is None:
             return probs
-        target = constrain_rows(probs, self.identity, self.expression, self.settings.beta, self.settings.gamma)
-        weight = (self.settings.strength * region)[:, None, :, None]
+        target = constrain(probs, cols, self.settings.beta, self.settings.gamma)
         return probs + weight * (target - probs)
