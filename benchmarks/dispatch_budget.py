@@ -304,29 +304,13 @@ def regions(model, family: Family) -> tuple:
     return patched, data
 
 
-def random_lora(unet_sd: dict, rank: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A kohya LoRA on every attention and proj_in/proj_out weight (what a PortraitBooth
-    UNet patch touches)."""
-    gen = torch.Generator().manual_seed(seed)
-    patch = {}
-    for name, w in unet_sd.items():
-        if not name.endswith(".weight") or w.ndim not in (2, 4):
-            continue
-        if not any(s in name for s in (".attn1.", ".attn2.", "proj_in", "proj_out")):
-            continue
-        key = "lora_unet_" + name[:-len(".weight")].replace(".", "_")
-        tail = tuple(w.shape[2:])
-        patch[f"{key}.lora_down.weight"] = torch.randn(rank, w.shape[1], *tail, generator=gen) * 0.01
-        patch[f"{key}.lora_up.weight"] = torch.randn(w.shape[0], rank, *[1] * len(tail), generator=gen) * 0.01
-        patch[f"{key}.alpha"] = torch.tensor(float(rank))
-    return patch
-
-
 def stea(model, family: Family) -> tuple:
     """Load PortraitBooth Model's UNet patch: ComfyUI adds it to the weights at load."""
+    from benchmarks.stea_cost import random_lora
+
     stea_node = pack_module("nodes.stea")
     unet_sd = {k: v for k, v in model.model.diffusion_model.state_dict().items()}
-    patched = stea_node.apply_unet_patch(model, random_lora(unet_sd), 1.0, family.base)
+    patched = stea_node.apply_unet_patch(model, random_lora(unet_sd, rank=8), 1.0, family.base)
     return patched, inputs(family)
 
 
