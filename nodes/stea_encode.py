@@ -66,12 +66,26 @@ def auto_class_words(identities: Sequence[Identity], accepted: Sequence[str]) ->
     return fitting if any(w in SYNONYM_TO_CLASS for w in fitting) else []
 
 
-def _unit_weights(tokens: dict) -> dict:
+def unit_weights(tokens: dict) -> dict:
+    """The same tokens with every prompt weight 1 (the class word's unweighted output)."""
     return {k: [[(t[0], 1.0, *t[2:]) for t in chunk] for chunk in chunks] for k, chunks in tokens.items()}
 
 
 def _with_range(entry: list, start: float, end: float) -> list:
     return [entry[0], {**entry[1], "start_percent": start, "end_percent": end}]
+
+
+def identity_ranges(identity: list, plain: list, start_percent: float, end_percent: float) -> list:
+    """CONDITIONING items: `identity` ([cond, extra]) inside [start, end] of the schedule and
+    `plain` outside it, with the keys ConditioningSetTimestepRange sets."""
+    if start_percent <= 0.0 and end_percent >= 1.0:
+        return [identity]
+    out = [_with_range(identity, start_percent, end_percent)]
+    if start_percent > 0.0:
+        out.append(_with_range(plain, 0.0, start_percent))
+    if end_percent < 1.0:
+        out.append(_with_range(plain, end_percent, 1.0))
+    return out
 
 
 def encode_with_identity(clip, text: str, identities: Sequence[Identity], model: PortraitBoothModel,
@@ -114,7 +128,7 @@ def encode_with_identity(clip, text: str, identities: Sequence[Identity], model:
 
     text_conds = clip.encode_from_tokens_scheduled(tokens)
     # A weighted class word ("(man:1.2)") must feed the projector its unweighted CLIP output.
-    raw_conds = clip.encode_from_tokens_scheduled(_unit_weights(tokens)) if any(w != 1.0 for w in weights) else None
+    raw_conds = clip.encode_from_tokens_scheduled(unit_weights(tokens)) if any(w != 1.0 for w in weights) else None
     # Readers downstream (ECAC, regions) need to know which tokens carry the identities and
     # the expressions (found with the model's own emotion words), so they never re-tokenize;
     # only the identity entries get it, the plain-text ranges below do not.
@@ -127,15 +141,7 @@ def encode_with_identity(clip, text: str, identities: Sequence[Identity], model:
         psi = raw_conds[n][0][:, positions] if raw_conds is not None else None
         with torch.no_grad():
             id_cond = splice_identity(cond, positions, faces, model.projector, strength, psi=psi, weights=weights)
-        id_extra = write_stea(extra, entry)
-        if start_percent <= 0.0 and end_percent >= 1.0:
-            out.append([id_cond, id_extra])
-            continue
-        out.append(_with_range([id_cond, id_extra], start_percent, end_percent))
-        if start_percent > 0.0:
-            out.append(_with_range([cond, extra], 0.0, start_percent))
-        if end_percent < 1.0:
-            out.append(_with_range([cond, extra], end_percent, 1.0))
+        out += identity_ranges([id_cond, write_stea(extra, entry)], [cond, extra], start_percent, end_percent)
     return out
 
 

@@ -26,7 +26,7 @@ from portraitbooth_core.weights.meta import EmbeddingMismatchError, check_embedd
 from portraitbooth_core.vocabulary import expression_words
 
 from .contracts import STEAEntry, write_stea
-from .stea_encode import AUTO, auto_class_words
+from .stea_encode import AUTO, auto_class_words, identity_ranges, unit_weights
 
 log = logging.getLogger("portraitbooth")
 SDXL_KEYS = ("g", "l")  # ComfyUI's SDXL tokenizer: OpenCLIP bigG and CLIP-L
@@ -71,7 +71,7 @@ def _sites(tokens: dict, key: str, words: Sequence[str], accepted: Sequence[str]
     lookup = tokenizer_words(clip.tokenizer, key)
     hits = lookup.matcher(accepted).find(tokens[key])
     trigger = lookup.ids_of(TRIGGER_WORD)
-    end_id = _special_ids(lookup)[1]
+    end_id = lookup.start_end_pad[1]
     counts = [trigger_after(tokens[key], h, trigger, end_id) for h in hits]
     marked = [h for h, n in zip(hits, counts) if n]
     # With triggers, the class words they mark are the subjects (as PhotoMaker's prompts say).
@@ -81,18 +81,12 @@ def _sites(tokens: dict, key: str, words: Sequence[str], accepted: Sequence[str]
     return chosen, [counts[hits.index(h)] for h in chosen], others
 
 
-def _special_ids(lookup) -> tuple[int, int, int]:
-    """(start, end, pad) of one encoder: "" tokenizes to [start, end, pad...]."""
-    start, end, pad = (int(t[0]) for t in lookup.tokenize("")[0][:3])
-    return start, end, pad
-
-
 def restack(clip, tokens: dict, sites: Sequence[StackSite]) -> tuple[dict, list[list[int]]]:
     """Both encoders' tokens with the sites stacked, and the copies' positions (checked equal)."""
     stacked, copies = {}, None
     for key in SDXL_KEYS:
         stacked[key], positions = stack_class_tokens(tokens[key], sites,
-                                                     *_special_ids(tokenizer_words(clip.tokenizer, key)))
+                                                     *tokenizer_words(clip.tokenizer, key).start_end_pad)
         if copies is not None and positions != copies:
             raise ClassWordError("SDXL's two tokenizers disagree on the stacked class tokens' positions")
         copies = positions
@@ -137,8 +131,7 @@ def encode_stacked(clip, text: str, identities: Sequence[Identity], model: Portr
         text_only = clip.encode_from_tokens_scheduled(restack(clip, tokens, [replace(s, copies=1) for s in sites])[0])
     weights = [h.weight for h in hits]
     text_conds = clip.encode_from_tokens_scheduled(stacked)
-    unit = {k: [[(t[0], 1.0, *t[2:]) for t in chunk] for chunk in chunks] for k, chunks in stacked.items()}
-    raw_conds = clip.encode_from_tokens_scheduled(unit) if any(w != 1.0 for w in weights) else None
+    raw_conds = clip.encode_from_tokens_scheduled(unit_weights(stacked)) if any(w != 1.0 for w in weights) else None
     expressions = matches(tokenizer_words(clip.tokenizer, "l").matcher(expression_words(info.emotion_words)),
                           stacked["l"])
     entry = STEAEntry(base="sdxl", class_positions=tuple(p[-1] for p in copies),
@@ -153,16 +146,8 @@ def encode_stacked(clip, text: str, identities: Sequence[Identity], model: Portr
                 psi = raw_conds[n][0][:, positions] if raw_conds is not None else None
                 id_cond = splice_photomaker(id_cond, positions, model.projector, strength=strength, psi=psi,
                                             weights=[weight] * len(positions), **head_features(model, face))
-        id_extra = write_stea(extra, entry)
-        if start_percent <= 0.0 and end_percent >= 1.0:
-            out.append([id_cond, id_extra])
-            continue
-        out.append([id_cond, {**id_extra, "start_percent": start_percent, "end_percent": end_percent}])
-        plain, plain_extra = text_only[min(n, len(text_only) - 1)]
-        if start_percent > 0.0:
-            out.append([plain, {**plain_extra, "start_percent": 0.0, "end_percent": start_percent}])
-        if end_percent < 1.0:
-            out.append([plain, {**plain_extra, "start_percent": end_percent, "end_percent": 1.0}])
+        plain = text_only[min(n, len(text_only) - 1)] if text_only is not None else None
+        out += identity_ranges([id_cond, write_stea(extra, entry)], plain, start_percent, end_percent)
     return out
 
 

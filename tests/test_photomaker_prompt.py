@@ -20,7 +20,7 @@ def tokenizer():
 
 
 def specials(tokenizer, key):
-    return tuple(int(t[0]) for t in tokenizer_words(tokenizer, key).tokenize("")[0][:3])
+    return tokenizer_words(tokenizer, key).start_end_pad
 
 
 def content(chunk, end=49407):

@@ -22,6 +22,7 @@ import pytest
 from conftest import REPO
 from training_fixtures import *  # noqa: F401,F403
 from training_fixtures import train_config
+from test_training_distributed import run_cli  # one runner: own process group, killed on a hang
 
 ENV = {"OMP_NUM_THREADS": "1"}
 
@@ -165,15 +166,7 @@ def test_stale_temp_checkpoints_are_removed_and_finished_ones_kept(tmp_path):
 # -- the command line ------------------------------------------------------------------------------
 
 def _cli(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env={**os.environ, **ENV}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{args} still ran after {timeout} s\n{out[-2000:]}{err[-2000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_cli(args, env=ENV, timeout=timeout)
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:

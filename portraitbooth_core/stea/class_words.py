@@ -136,7 +136,9 @@ class TokenizerWords:
     def __init__(self, tokenizer, key: str = "l"):
         self._tokenizer = weakref.ref(tokenizer)
         self.key = key
-        self.special = frozenset(int(t[0]) for t in self.tokenize("")[0])  # start, end, pad
+        empty = [int(t[0]) for t in self.tokenize("")[0]]  # "" tokenizes to [start, end, pad...]
+        self.special = frozenset(empty)
+        self.start_end_pad: tuple[int, ...] = tuple(empty[:3])
         self._pieces: dict[int, str] = {}
         self._matchers: dict[tuple[str, ...], ClassWordMatcher] = {}
 
