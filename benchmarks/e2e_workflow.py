@@ -13,7 +13,10 @@ Two figures:
                                             user generating several images; interleaved, it
                                             is not: see below); target <= 1.05
   e2e_single_subject_new_photo_vs_txt2img   also a new reference photo upload each pair,
-                                            so detection + embedding run every time
+                                            so detection + embedding run every time; the
+                                            record splits them out: face_analysis_s (LoadImage
+                                            + Analyze Faces, per-node times below) and
+                                            ratio_without_face_analysis
 Times are ComfyUI's own (execution_start -> execution_success in the prompt's history), so
 HTTP polling is not counted. The two sides load the checkpoint under two names (two
 independent models). The server runs with --cache-lru (default --cache lru): ComfyUI's
@@ -391,6 +394,27 @@ def ratio_record(name: str, base: list[float], cand: list[float], device: str, c
     return record
 
 
+FACE_NODES = ("LoadImage", "PortraitBoothAnalyzeFaces")  # what a new reference photo runs again
+
+
+def face_analysis_split(portrait: list[Run], base: list[float]) -> dict:
+    """The new-photo figure with the face analysis split out: per pair, the seconds of the
+    photo's nodes (LoadImage + Analyze Faces: detection and embedding), the ratio without
+    them and their share of the candidate. Empty values when no per-node times were taken."""
+    face = [sum(v for k, v in r.nodes.items() if k.split(" ", 1)[-1] in FACE_NODES) if r.nodes else None
+            for r in portrait]
+    pairs = [(r.seconds, f, b) for r, f, b in zip(portrait, face, base) if f is not None]
+    if not pairs:
+        return {"face_analysis_s": None, "ratio_without_face_analysis": None,
+                "face_analysis_note": "no per-node times (websocket listener missing): not split"}
+    without = [(c - f) / b for c, f, b in pairs]
+    return {"face_analysis_s": _median([f for _, f, _ in pairs]),
+            "face_analysis_share": _median([f / c for c, f, _ in pairs]),
+            "ratio_without_face_analysis": round(statistics.median(without), 4),
+            "spread_without_face_analysis": [round(min(without), 4), round(max(without), 4)],
+            "face_analysis_nodes": list(FACE_NODES)}
+
+
 def step_cost_records(hi: dict[str, list[float]], lo: dict[str, list[float]], steps: int, low: int,
                       device: str, config: dict) -> list[dict]:
     """Per side a line through (low, t_low) and (steps, t_steps): slope = seconds per step,
@@ -543,6 +567,8 @@ def main() -> None:
                                  "candidate_s": round(statistics.median(cand), 4)}}
             if target is not None:
                 record["meets_target"] = record["ratio"] <= target
+            if new_photo:
+                record.update(face_analysis_split(runs["portrait"], base))
             print(json.dumps(record), flush=True)
             print(json.dumps(nodes_record(name.replace("_vs_txt2img", "_nodes"), runs, device,
                                           {**config, "new_photo_each_pair": new_photo, "pairs": args.pairs}, clock)),

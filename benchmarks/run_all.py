@@ -80,6 +80,9 @@ def benches(cuda: bool) -> list[Bench]:
         Bench("data_path.py", 60),
         Bench("precompute_gain.py", 60),
         Bench("build_throughput.py", 60),
+        # Evaluation fan-out, two CPU servers against one (~2 min on a busy 2-core CPU; it runs
+        # CPU servers everywhere: the figure is about the fan-out, not the device). No --full mode.
+        Bench("eval_fanout.py", 120, full=[]),
     ]
 
 

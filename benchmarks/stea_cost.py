@@ -1,7 +1,8 @@
 """What identity conditioning costs on top of plain ComfyUI.
 
 1. Apply STEA Conditioning vs CLIPTextEncode on the same CLIP (random SD1.5 CLIP-L),
-   plain and with a weighted class word (which needs a second, unweighted encode).
+   plain and with a weighted class word (its unweighted output for the projector comes
+   from the same single encode as ComfyUI's weighting: target no cost over CLIPTextEncode).
 2. One sampling step (a batch-2 UNet evaluation, as with CFG) of the MODEL patched by
    Load PortraitBooth Model vs the unpatched MODEL. ComfyUI merges LoRA patches into the
    weights when it loads the model, so the target is "no cost": within 5%.

@@ -8,7 +8,11 @@ same batch, same optimizer; a step is forward + backward + AdamW update.
   recipe    the recipe's own draws (10% text-only, 10% uncond, DIP where t <= 250):
             the average step of a real run
 Figures: time ratio (target <= 1.5) and peak-memory ratio (CUDA peak allocated; on the
-CPU the peak RSS growth of a separate process per side). On a GPU also images/s.
+CPU the peak RSS growth of a separate process per side). On a GPU also images/s. Each step
+reads its loss back as the trainer does (one device sync); with the attention-health monitor
+on (the default, portraitbooth_core/ecac/health.py) its sums ride along in that read.
+  monitor   `paper` with the monitor vs `paper` without it: the collapse alarm's cost
+            (target <= 1.03: no UNet pass, reductions of the maps L_loc already has)
 
 Quick mode (default): one-level 320-channel UNet, 64 px (8x8 latents), small stand-in
 recognizer; a CPU run under a minute whose tiny UNet makes the VAE's share (DIP) look
@@ -56,7 +60,8 @@ SIDES = {  # name -> (loss weights that differ from the paper's, description)
 }
 
 
-def side_fn(trainer, side: str):
+def side_fn(trainer, side: str, monitor: bool = True):
+    """One step of `side`; monitor: the attention-health sums on (as training has them) or off."""
     import dataclasses
 
     import torch
@@ -81,11 +86,18 @@ def side_fn(trainer, side: str):
     turn = [0]
 
     def step():
-        trainer.module.config = config
+        module = trainer.module
+        module.config, module.monitor_health = config, monitor
         batch = batches[turn[0] % len(batches)]
         turn[0] += 1
         trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.module(batch)["total"].backward()
+        total = module(batch)["total"]
+        total.backward()
+        # The trainer's one read per micro-batch: the loss, and the health sums with it.
+        read = total.detach().float()[None]
+        if module.health is not None:
+            read = torch.cat([read, module.health.flatten().to(read)])
+        read.cpu()
         trainer.optimizer.step()
     return step
 
@@ -152,6 +164,10 @@ def main() -> None:
         compare(f"train_step_{side}_vs_noise_only", base, side_fn(trainer, side), pairs=pairs,
                 target=1.25 if side == "recipe" else 1.5,
                 config={**config, "side": side, "what": SIDES[side]})
+    # The collapse alarm's monitor (issue 23): the same `paper` step with and without it.
+    compare("train_step_health_monitor_vs_without", side_fn(trainer, "paper", monitor=False),
+            side_fn(trainer, "paper"), pairs=max(pairs, 5), target=1.03,
+            config={**config, "side": "paper", "what": "attention-health sums on vs off (no extra UNet pass)"})
     memory = {}
     for side in ("baseline", "paper"):
         if cuda:

@@ -61,6 +61,56 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Expression editing (PortraitBooth's ECAC claim), not in FastComposer's 40: chosen with
+# --prompts expression. The CLIP expression coefficient reads the emotion word.
+EXPRESSION_CATEGORY: dict[str, tuple[str, ...]] = {
+    "expression": (
+        "a {} smiling",
+        "a {} laughing",
+        "a {} looking angry",
+        "a {} looking sad",
+        "a {} looking surprised",
+        "a {} looking disgusted",
+        "a {} looking scared",
+        "a {} crying",
+        "a {} with a neutral expression",
+        "a {} grinning",
+    ),
+}
+
+# Two subjects per image: 21 prompts (FastComposer's multi-subject protocol uses 21), in
+# three categories of seven, written for two people. `{}` becomes "man and a woman".
+MULTI_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "action": (
+        "a {} shaking hands",
+        "a {} riding bicycles together",
+        "a {} playing chess",
+        "a {} cooking a meal together",
+        "a {} dancing",
+        "a {} sitting on a bench and talking",
+        "a {} hiking up a hill",
+    ),
+    "context": (
+        "a {} on the beach",
+        "a {} in the snow",
+        "a {} in an office",
+        "a {} at a train station",
+        "a {} in front of the Eiffel Tower",
+        "a {} in a library",
+        "a {} in a field of sunflowers",
+    ),
+    "style": (
+        "a painting of a {} in the style of Vincent van Gogh",
+        "a watercolor painting of a {}",
+        "a black and white photograph of a {}",
+        "a street art mural of a {}",
+        "a Japanese woodblock print of a {}",
+        "a pencil sketch of a {}",
+        "an oil portrait of a {} in a gilded frame",
+    ),
+}
+
+
 @dataclass(frozen=True)
 class Prompt:
     category: str
@@ -80,14 +130,23 @@ class Prompt:
         return self.template.format(" and a ".join(class_words))
 
 
-def select_prompts(categories: list[str] | None = None, per_category: int | None = None) -> list[Prompt]:
-    """The prompts of these categories (all four by default), the first `per_category` of each."""
-    names = categories or list(CATEGORIES)
-    unknown = [c for c in names if c not in CATEGORIES]
+def select_prompts(categories: list[str] | None = None, per_category: int | None = None,
+                   multi: bool = False) -> list[Prompt]:
+    """The prompts of these categories (all of the set by default), the first `per_category` of
+    each; `multi`: the two-subject set. A category the set lacks is skipped when others match."""
+    table = MULTI_CATEGORIES if multi else {**CATEGORIES, **EXPRESSION_CATEGORY}
+    names = categories or list(MULTI_CATEGORIES if multi else CATEGORIES)
+    known = set(CATEGORIES) | set(MULTI_CATEGORIES) | set(EXPRESSION_CATEGORY)
+    unknown = [c for c in names if c not in known]
     if unknown:
-        raise ValueError(f"unknown prompt categories {unknown}; choose from {list(CATEGORIES)}")
+        raise ValueError(f"unknown prompt categories {unknown}; choose from {sorted(known)}")
+    if per_category is not None and per_category < 1:
+        raise ValueError(f"--per-category must be 1 or more, got {per_category}")
     out = []
     for name in names:
-        for i, template in enumerate(CATEGORIES[name][:per_category]):
+        for i, template in enumerate(table.get(name, ())[:per_category]):
             out.append(Prompt(name, i, template))
+    if not out:
+        raise ValueError(f"none of the categories {names} has {'two-subject' if multi else 'single-subject'} "
+                         f"prompts; that set has {list(table)}")
     return out

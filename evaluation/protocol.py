@@ -1,146 +1,164 @@
-"""FastComposer's evaluation protocol, generated through ComfyUI's HTTP API with the pack's
-own API workflows: subjects x prompts x images per prompt (one seed per prompt, the
-images of a prompt as one latent batch), single-subject or two subjects per image.
+"""FastComposer's evaluation protocol, generated through ComfyUI's HTTP API with each method's
+own API workflow (evaluation/methods.py): subjects x prompts x images per prompt (one seed per
+prompt, the images of a prompt as one latent batch), one subject per image or every pair of
+subjects, for every weight file given, on one or several servers (evaluation/fanout.py).
 
-Writes images/<subject>/<prompt id>_<k>.png (or images/<a>+<b>/...) and
-images/prompts.json, the layout `evaluation.score` reads. Images already on disk are not
-generated again, so an interrupted run resumes where it stopped.
+Layout, per weight file (its file name without .safetensors) and setting:
+
+    out/<weights>/single/images/<subject>/<prompt id>_<k>.png
+    out/<weights>/multi/images/<a>+<b>/<prompt id>_<k>.png
+    out/<weights>/<setting>/images/prompts.json      the manifest `evaluation.score` reads
+
+Every method sees the same subjects, prompts and seeds. An image is generated again only
+when its file or its manifest entry (prompt, seed, the whole graph) does not match.
 """
 from __future__ import annotations
 
-import io
+import hashlib
+import itertools
 import json
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from headless.client import ComfyClient
-from headless.workflows import API_DIR, load_api_workflow, with_inputs
-
+from .methods import GraphRequest, WeightFile, build_method_graph, read_weight_file, subject_word, template_size
 from .prompts import Prompt
-from .score import MANIFEST, find_subjects
+from .score import find_subjects
 
-SINGLE = "portraitbooth_single_subject"
-MULTI = "portraitbooth_two_subjects"
-NO_PACK = "none (zero-download RetinaFace)"
 CLASS_WORDS_FILE = "subjects.json"  # optional {"obama": "man", "astronaut": "woman"} in the subjects folder
+SETTINGS = ("single", "multi")
 
 
 @dataclass
 class ProtocolSettings:
-    checkpoint: str
-    weights: str
-    prompts: list[Prompt]
+    checkpoints: dict[str, str]          # base ("sd15", "sdxl") -> checkpoint name on the server
+    weights: list[str]                   # PortraitBooth files (models/portraitbooth), any method
+    prompts: list[Prompt]                # one subject per image
+    multi_prompts: list[Prompt] = field(default_factory=list)  # two subjects per image
+    settings: tuple[str, ...] = ("single",)
     images_per_prompt: int = 4
-    multi: bool = False
-    size: int = 512
-    steps: int = 50  # the paper: Euler, 50 steps, CFG 5
-    cfg: float = 5.0
+    size: int | None = None              # None: the template's (512 SD1.5, 1024 SDXL); multi keeps its aspect
+    steps: int = 50                      # the paper: Euler, 50 steps, CFG 5
+    cfg: float | None = None             # None: the file's default, else the template's
+    start_percent: float | None = None   # None: the file's default
     seed: int = 0
     class_word: str = "person"
-    negative: str = "blurry, lowres, deformed, bad anatomy"
-    face_pack: str = NO_PACK  # the FaceEncoder the weights were trained with
-    face_recognizer: str = "auto"
+    negative: str | None = None          # None: the template's
+    face_pack: str | None = None         # None: the template's (the FaceEncoder the weights were made for)
+    face_recognizer: str | None = None
+    pairs: int | None = None             # multi: only the first N pairs (quick runs)
     class_words: dict[str, str] = field(default_factory=dict)
 
     def word(self, subject: str) -> str:
         return self.class_words.get(subject, self.class_word)
 
 
-def subject_groups(names: list[str], multi: bool) -> list[list[str]]:
-    """Single: each subject alone. Multi: disjoint consecutive pairs of the sorted names (an odd
-    last one pairs with the first), so every subject appears and the run stays linear in size."""
+def all_pairs(names: list[str], limit: int | None = None) -> list[list[str]]:
+    """Every pair of subjects (15 subjects: 105), ordered so that the first ceil(n/2) pairs hold
+    every subject once (a quick --pairs run still sees everyone): neighbours (a,b), (c,d), ...,
+    the odd one out with the first, then the rest by distance."""
     names = sorted(names)
-    if not multi:
-        return [[n] for n in names]
     if len(names) < 2:
-        raise ValueError("--multi needs at least two subjects in the subjects folder")
-    pairs = [names[i:i + 2] for i in range(0, len(names) - 1, 2)]
-    if len(names) % 2:
-        pairs.append([names[-1], names[0]])
-    return pairs
+        raise ValueError("two-subject images need at least two subjects in the subjects folder")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--pairs must be 1 or more, got {limit}")
+    n = len(names)
+    first = [(i, i + 1) for i in range(0, n - 1, 2)] + ([(0, n - 1)] if n % 2 else [])
+    rest = sorted((p for p in itertools.combinations(range(n), 2) if p not in first), key=lambda p: (p[1] - p[0], p[0]))
+    return [[names[i], names[j]] for i, j in first + rest][:limit]
 
 
-def multi_workflow() -> dict:
-    if not (API_DIR / f"{MULTI}.json").is_file():
-        raise FileNotFoundError(f"--multi needs the two-subject workflow {API_DIR / (MULTI + '.json')}, which this "
-                                "copy of the pack does not have; update the pack or run without --multi.")
-    return load_api_workflow(MULTI)
+def subject_groups(names: list[str], setting: str, pairs: int | None = None) -> list[list[str]]:
+    return [[n] for n in sorted(names)] if setting == "single" else all_pairs(names, pairs)
 
 
-def build_graph(s: ProtocolSettings, photos: list[str], words: list[str], prompt: Prompt, seed: int,
-                prefix: str) -> tuple[dict, str, str]:
-    """(API graph, the prompt text, id of its SaveImage node) for one prompt of one group."""
-    if len(photos) == 1:
-        text = prompt.single(words[0])
-        graph = with_inputs(load_api_workflow(SINGLE), {
-            "1": {"ckpt_name": s.checkpoint}, "2": {"portraitbooth_name": s.weights}, "3": {"image": photos[0]},
-            "4": {"pack": s.face_pack, "recognizer": s.face_recognizer}, "6": {"text": text},
-            "7": {"text": s.negative},
-            "8": {"width": s.size, "height": s.size, "batch_size": s.images_per_prompt},
-            "9": {"seed": seed, "steps": s.steps, "cfg": s.cfg}, "11": {"filename_prefix": prefix}})
-        return graph, text, "11"
-    text = prompt.multi(words)
-    width = max(64, (s.size * 3 // 2) // 8 * 8)  # the template's 3:2 landscape, one region per subject
-    graph = with_inputs(multi_workflow(), {
-        "1": {"ckpt_name": s.checkpoint}, "2": {"portraitbooth_name": s.weights},
-        "3": {"image": photos[0]}, "4": {"image": photos[1]},
-        "5": {"pack": s.face_pack, "recognizer": s.face_recognizer},
-        "8": {"text": text}, "9": {"text": prompt.single(words[0])}, "10": {"text": prompt.single(words[1])},
-        "11": {"text": s.negative},
-        "14": {"width": width, "height": s.size, "batch_size": s.images_per_prompt},
-        "15": {"seed": seed, "steps": s.steps, "cfg": s.cfg}, "17": {"filename_prefix": prefix}})
-    return graph, text, "17"
+def run_folder(out: Path, weights: WeightFile, setting: str) -> Path:
+    """out/<weights file name without .safetensors>/<setting>: one per method and setting."""
+    return out / weights.name.removesuffix(".safetensors").replace("/", "__").replace("\\", "__") / setting
 
 
-def run_protocol(client: ComfyClient, subjects_dir: Path, images_dir: Path, s: ProtocolSettings,
-                 log=print) -> Path:
-    """Generate every image of the protocol into images_dir; returns images_dir."""
+def _size(s: ProtocolSettings, weights: WeightFile, multi: bool) -> tuple[int | None, int | None]:
+    if s.size is None:
+        return None, None
+    width, height = template_size(weights.method, multi)
+    return max(64, round(s.size * width / height / 8) * 8), s.size
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def plan_images(s: ProtocolSettings, weight_files: list[WeightFile], subjects: dict[str, list[Path]], out: Path,
+                photo_names: dict[str, str]) -> list:
+    """One fan-out job per (weights, setting, subject group, prompt)."""
+    from .fanout import ImageJob
+
+    photo_digest = {name: _digest(photos[0].read_bytes()) for name, photos in subjects.items()}
+    jobs = []
+    for weights in weight_files:
+        checkpoint = s.checkpoints.get(weights.method.base)
+        if not checkpoint:
+            flag = "--sdxl-checkpoint" if weights.method.base == "sdxl" else "--checkpoint"
+            raise ValueError(f"{weights.label} runs on {weights.method.base.upper()}: give its checkpoint with {flag}")
+        for setting in s.settings:
+            multi = setting == "multi"
+            images_dir = run_folder(out, weights, setting) / "images"
+            stem = images_dir.parent.parent.name
+            width, height = _size(s, weights, multi)
+            for group in subject_groups(list(subjects), setting, s.pairs):
+                words = [subject_word(weights.method, s.word(g)) for g in group]
+                folder = images_dir / "+".join(group)
+                for p_index, prompt in enumerate(s.multi_prompts if multi else s.prompts):
+                    seed = s.seed + p_index  # the same seeds for every method
+                    text = prompt.multi(words) if multi else prompt.single(words[0])
+                    request = GraphRequest(
+                        checkpoint=checkpoint, photos=tuple(photo_names[g] for g in group), prompt=text,
+                        subject_prompts=tuple(prompt.single(w) for w in words) if multi else (), width=width, height=height, batch=s.images_per_prompt, seed=seed,
+                        steps=s.steps, cfg=s.cfg, start_percent=s.start_percent, negative=s.negative,
+                        face_pack=s.face_pack, face_recognizer=s.face_recognizer,
+                        prefix=f"pb_eval/{stem}_{'+'.join(group)}_{prompt.id}")
+                    graph, save = build_method_graph(weights, request)
+                    # What decides the pixels: the whole graph but its output prefix, and the photos' bytes.
+                    key_graph = json.loads(json.dumps(graph))
+                    key_graph[save]["inputs"].pop("filename_prefix", None)
+                    graph_digest = _digest(json.dumps(key_graph, sort_keys=True).encode())
+                    files = tuple(folder / f"{prompt.id}_{k}.png" for k in range(s.images_per_prompt))
+                    records = tuple({"prompt": text, "category": prompt.category, "prompt_id": prompt.id,
+                                     "seed": seed, "batch_index": k, "method": weights.method.name,
+                                     "weights": weights.name, "setting": setting, "graph": graph_digest,
+                                     "photos": [photo_digest[g] for g in group]}
+                                    for k in range(s.images_per_prompt))
+                    jobs.append(ImageJob(
+                        key=f"{stem}/{setting}/{'+'.join(group)}/{prompt.id}",
+                        graph=graph, save_node=save, images_dir=images_dir, files=files, records=records,
+                        uploads={photo_names[g]: subjects[g][0] for g in group}))
+    return jobs
+
+
+def run_protocol(clients: list, subjects_dir: Path, out: Path, s: ProtocolSettings, log=print) -> list[tuple]:
+    """Generate every image of the protocol; returns [(WeightFile, setting, images folder)]."""
+    from .fanout import run_jobs
+
+    if not clients:
+        raise ValueError("no ComfyUI server: give --server URL (repeatable) or --start")
     subjects = find_subjects(subjects_dir)
     words_file = subjects_dir / CLASS_WORDS_FILE
     if words_file.is_file():
-        s.class_words = {**json.loads(words_file.read_text()), **s.class_words}
-    groups = subject_groups(list(subjects), s.multi)
-    if s.multi:
-        multi_workflow()  # fail before uploading anything
-    uploaded = {name: client.upload_image(photos[0], name=f"pb_eval_{name}{photos[0].suffix}")
-                for name, photos in subjects.items()}  # the paper generates from one reference photo
-    manifest_path = images_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    total = len(groups) * len(s.prompts)
-    done, started = 0, time.monotonic()
-    for group in groups:
-        folder = images_dir / "+".join(group)
-        folder.mkdir(parents=True, exist_ok=True)
-        for p_index, prompt in enumerate(s.prompts):
-            done += 1
-            files = [folder / f"{prompt.id}_{k}.png" for k in range(s.images_per_prompt)]
-            seed = s.seed + p_index
-            graph, text, save_node = build_graph(s, [uploaded[g] for g in group], [s.word(g) for g in group],
-                                                 prompt, seed, f"pb_eval/{'+'.join(group)}_{prompt.id}")
-            on_disk = all(f.is_file() for f in files)
-            if not on_disk:
-                result = client.run(graph, timeout=3600)
-                outputs = result.images(save_node)
-                if len(outputs) != len(files):
-                    raise RuntimeError(f"{'+'.join(group)} {prompt.id}: ComfyUI returned {len(outputs)} images, "
-                                       f"expected {len(files)}")
-                for file, record in zip(files, outputs):
-                    _save_png(client.fetch(record), file)
-            for k, f in enumerate(files):
-                manifest[f"{folder.name}/{f.name}"] = {"prompt": text, "category": prompt.category,
-                                                       "prompt_id": prompt.id, "seed": seed, "batch_index": k}
-            manifest_path.write_text(json.dumps(manifest, indent=1))
-            elapsed = time.monotonic() - started
-            log(f"[protocol] {done}/{total} {'+'.join(group)} {prompt.id} {text!r}: {len(files)} image(s)"
-                f"{' already on disk' if on_disk else ''}; "
-                f"{elapsed:.0f} s so far, about {elapsed / done * (total - done):.0f} s to go")
-    return images_dir
-
-
-def _save_png(data: bytes, path: Path) -> None:
-    # Re-encode rather than copy: drops the workflow ComfyUI embeds in every PNG's metadata.
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im.convert("RGB").save(path)
+        s = replace(s, class_words={**json.loads(words_file.read_text()), **s.class_words})
+    weight_files = [read_weight_file(clients[0], name) for name in s.weights]
+    for client in clients[1:]:  # one queue: every server must hold the same files
+        for w in weight_files:
+            other = read_weight_file(client, w.name)
+            if other != w:
+                raise ValueError(f"{w.name} differs between {clients[0].base_url} and {client.base_url}; give every "
+                                 "server the same models")
+    folders = [run_folder(out, w, setting) for w in weight_files for setting in s.settings]
+    if len(set(folders)) != len(folders):
+        raise ValueError("two --weights files share a name; give each file once")
+    # The paper generates from one reference photo per subject.
+    names = {name: f"pb_eval_{name}_{_digest(photos[0].read_bytes())}{photos[0].suffix.lower()}"
+             for name, photos in subjects.items()}
+    jobs = plan_images(s, weight_files, subjects, out, names)
+    for w in weight_files:
+        log(f"[protocol] {w.label}: {', '.join(s.settings)}")
+    run_jobs(jobs, clients, log=log)
+    return [(w, setting, run_folder(out, w, setting) / "images") for w in weight_files for setting in s.settings]

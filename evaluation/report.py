@@ -17,7 +17,8 @@ def _fmt(v) -> str:
 
 def markdown(result: dict) -> str:
     lines = ["# Identity evaluation", "",
-             f"Recognizer: `{result['recognizer']}` ({result['encoder']}); identity = max(cos, 0) of the "
+             f"Identity metric: `{result.get('identity_metric', 'pack (' + result['recognizer'] + ')')}` "
+             f"({result['encoder']}); identity = max(cos, 0) of the "
              "largest face (one subject) or greedily matched faces (several), 0 without a face.", ""]
     for title, key in (("By prompt category", "by_category"), ("By subject(s)", "by_subjects")):
         lines += [f"## {title}", "", "| group | images | identity | faces found | CLIP-T | expression |",

@@ -11,6 +11,9 @@ Layouts (the protocol runner writes exactly these):
                                 of them at once (group images)
     images/prompts.json         optional {"obama/x.png": {"prompt": ..., "category": ...}}:
                                 the prompt for CLIP-T and the expression coefficient
+
+Identity comes from the pack's recognizer (default) or FastComposer's MTCNN + FaceNet
+(evaluation.facenet); result["identity_metric"] says which.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ import numpy as np
 
 from portraitbooth_core.face import DEFAULT_DET_THRESHOLD, Identity
 from portraitbooth_core.scoring.identity_score import IdentityScorer
+
+from .facenet import FaceNetMetric  # facenet-pytorch itself is imported only when the metric is built
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 MANIFEST = "prompts.json"
@@ -86,6 +91,19 @@ def plan_jobs(images: Path, subjects: list[str]) -> list[Job]:
     return jobs
 
 
+def facenet_references(metric: FaceNetMetric, subjects: dict[str, list[Path]],
+                       log=print) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(subject -> FaceNet embedding, subject -> the photo it came from): one photo per
+    subject, the first by name with a face, as FastComposer does (see evaluation.facenet)."""
+    refs, used = {}, {}
+    for name, photos in subjects.items():
+        refs[name], photo = metric.reference(photos, read_rgb, log)
+        used[name] = str(photo)
+        if len(photos) > 1:
+            log(f"[score] facenet: subject {name!r} is {photo.name} (FastComposer's metric uses one photo)")
+    return refs, used
+
+
 def build_identities(encoder, subjects: dict[str, list[Path]], det_threshold: float) -> dict[str, Identity]:
     out = {}
     for name, photos in subjects.items():
@@ -113,11 +131,23 @@ def summarize(records: list[dict], key: str) -> dict[str, dict]:
             for name, rs in groups.items()}
 
 
+def identity_metric(encoder) -> str:
+    """What made the identity numbers: 'facenet (...)' or 'pack (<recognizer>)'."""
+    return encoder.description if isinstance(encoder, FaceNetMetric) else f"pack ({encoder.kind})"
+
+
 def score_folder(references: Path, images: Path, encoder, clip=None, det_threshold: float = DEFAULT_DET_THRESHOLD,
                  log=print) -> dict:
-    """Everything the report needs, as plain JSON-able data."""
+    """Everything the report needs, as plain JSON-able data.
+
+    `encoder` is the identity metric: a pack FaceEncoder, or evaluation.facenet.FaceNetMetric
+    (FastComposer's MTCNN + FaceNet; it ignores `det_threshold`, MTCNN has its own)."""
     subjects = find_subjects(references)
-    identities = build_identities(encoder, subjects, det_threshold)
+    facenet = isinstance(encoder, FaceNetMetric)
+    if facenet:
+        identities, reference_photos = facenet_references(encoder, subjects, log)
+    else:
+        identities, reference_photos = build_identities(encoder, subjects, det_threshold), None
     jobs = plan_jobs(images, list(subjects))
     scorers: dict[tuple, IdentityScorer] = {}
     records = []
@@ -136,9 +166,17 @@ def score_folder(references: Path, images: Path, encoder, clip=None, det_thresho
             + ("" if result.faces else " (no face)"))
     if clip is not None:
         _add_clip(records, jobs, clip, log)
-    return {"recognizer": encoder.kind, "encoder": f"detector {encoder.detector.name}, recognizer {encoder.recognizer.name}", "det_threshold": det_threshold,
-            "subjects": {k: [str(p) for p in v] for k, v in subjects.items()}, "images": records,
-            "by_category": summarize(records, "category"), "by_subjects": summarize(records, "group")}
+    out = {"identity_metric": identity_metric(encoder), "recognizer": encoder.kind,
+           "encoder": f"detector {encoder.detector_name if facenet else encoder.detector.name}, "
+                      f"recognizer {encoder.recognizer.name}",
+           # MTCNN's three stage thresholds replace the pack detector's one
+           "det_threshold": encoder.settings["thresholds"] if facenet else det_threshold,
+           "subjects": {k: [str(p) for p in v] for k, v in subjects.items()}, "images": records,
+           "by_category": summarize(records, "category"), "by_subjects": summarize(records, "group")}
+    if facenet:
+        out["reference_photos"] = reference_photos  # FastComposer's metric uses one photo per subject
+        out["facenet"] = encoder.settings
+    return out
 
 
 def _add_clip(records: list[dict], jobs: list[Job], clip, log, batch: int = 16) -> None:

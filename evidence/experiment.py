@@ -96,7 +96,12 @@ class Experiment:
         return {"stea": measure.stea_effect(trainer, self.stea_batch, self.shuffled),
                 "ecac": measure.ecac_effect(trainer, self.stea_batch),
                 "dip": measure.dip_effect(trainer, self.dip_batch, self.recognizer.net),
-                "train_tail": {k: sum(h.get(k, 0.0) for h in tail) / len(tail) for k in ("noise", "loc", "id")}}
+                "train_tail": {k: sum(h.get(k, 0.0) for h in tail) / len(tail) for k in ("noise", "loc", "id")},
+                # the collapse alarm's view of training (runs._steps): its alarms, and the attention
+                # health of every 10th step (the identity/expression tokens' attention in the face)
+                "alarms": list(getattr(trainer, "alarms", [])),
+                "health_trace": [{"step": i + 1, **{k: v for k, v in h.items() if k.startswith("attn/")}}
+                                 for i, h in enumerate(history) if (i + 1) % 10 == 0 or i + 1 == len(history)]}
 
 
 def _worker(plan: Plan, work: Path, name: str, verbose: bool) -> dict:
@@ -112,8 +117,12 @@ def _worker(plan: Plan, work: Path, name: str, verbose: bool) -> dict:
 def progress_printer(every: int = 100) -> Callable:
     def progress(name: str, step: int, total: int, values: dict) -> None:
         if step % every == 0 or step == total:
+            from training.run.health import compact
+
             terms = " ".join(f"{k}={v:.4f}" for k, v in values.items() if k in ("noise", "loc", "id"))
-            print(f"[{name}] step {step}/{total} {terms}", file=sys.stderr, flush=True)
+            attn = compact(values)
+            print(f"[{name}] step {step}/{total} {terms}{' | attn in face: ' + attn if attn else ''}",
+                  file=sys.stderr, flush=True)
     return progress
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import torch
 
 from portraitbooth_core.ecac.capture import AttentionCapture
+from portraitbooth_core.ecac.health import attention_sums, layer_groups, summarize
 from portraitbooth_core.ecac.loss import resize_mask
 from portraitbooth_core.ecac.layers import install_on_layers
 from portraitbooth_core.dip.estimate import noised_latent, sigma_at
@@ -64,7 +65,12 @@ def ecac_effect(trainer, batch) -> dict:
     models.base.apply_model(x, sigma, c_crossattn=module.conditioning(batch),
                             transformer_options={"patches_replace": {"attn2": attn2}})
     id_share, expr_inside, mask_share, per_layer = [], [], [], {}
-    for name, maps in capture.pop_layers():
+    layers = capture.pop_layers()
+    # The training monitor's own numbers (portraitbooth_core.ecac.health) on the held-out batch.
+    groups = layer_groups(n for n, _ in layers)
+    has_expr = torch.tensor([float(bool(p)) for p in batch.expression_positions])
+    health = summarize(attention_sums(layers, batch.masks, torch.ones(len(has_expr)), has_expr, groups), groups)
+    for name, maps in layers:
         m = resize_mask(batch.masks.to(maps.device), tuple(maps.shape[-2:]))
         a_i, a_j = maps[:, 0], maps[:, 1]
         id_share.append(((a_i * m).flatten(1).sum(1) / a_i.flatten(1).sum(1).clamp_min(1e-12)).mean())
@@ -76,7 +82,8 @@ def ecac_effect(trainer, batch) -> dict:
     share, mask = float(torch.stack(id_share).mean()), float(torch.stack(mask_share).mean())
     return {"identity_share_in_mask": share, "mask_share": mask, "identity_concentration": share / mask,
             "expression_mean_in_mask": float(torch.stack(expr_inside).mean()),
-            "gamma": cfg.ecac_gamma, "beta": cfg.ecac_beta, "layers": len(id_share), "per_layer": per_layer}
+            "gamma": cfg.ecac_gamma, "beta": cfg.ecac_beta, "layers": len(id_share), "per_layer": per_layer,
+            "health": health}
 
 
 @torch.no_grad()

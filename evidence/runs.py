@@ -26,6 +26,14 @@ import torch
 
 ABLATIONS = ("full", "no_stea", "no_dip", "no_ecac")
 LABELS = {"full": "full", "no_stea": "w/o STEA", "no_dip": "w/o DIP", "no_ecac": "w/o ECAC"}
+# The collapse study (`--collapse-study`, collapse.py): the full run (paper L_loc at the evidence
+# weights), the same with L_loc's log floor, and the paper's own weights lambda 0.001, mu 0.01.
+STUDY = ("full", "log_floor", "paper_weights")
+# Not run unless named (--only): the log floor at the paper's weights.
+STUDY_EXTRA = ("log_floor_paper_weights",)
+STUDY_LABELS = {"full": "paper L_loc, lambda = mu = 1 (the evidence's)", "log_floor": "log floor, lambda = mu = 1",
+                "paper_weights": "paper L_loc, lambda 0.001, mu 0.01 (the paper's)",
+                "log_floor_paper_weights": "log floor, lambda 0.001, mu 0.01"}
 SMALL_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1],
                   channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
                   transformer_depth_middle=1, num_heads=4, use_spatial_transformer=True,
@@ -101,7 +109,9 @@ def ablation_settings(name: str, datasets: dict[str, Path]) -> dict:
     face embedding is drawn independently of the target (see dataset.uninformative_embeddings):
     the class token then carries no identity, which is what removing STEA takes away."""
     return {"full": {}, "no_stea": {"dataset": str(datasets["uninformative"])},
-            "no_dip": {"id_weight": 0.0}, "no_ecac": {"loc_weight": 0.0}}[name]
+            "no_dip": {"id_weight": 0.0}, "no_ecac": {"loc_weight": 0.0},
+            "log_floor": {"loc_floor": "log"}, "paper_weights": {"ecac_lambda": 0.001, "ecac_mu": 0.01},
+            "log_floor_paper_weights": {"loc_floor": "log", "ecac_lambda": 0.001, "ecac_mu": 0.01}}[name]
 
 
 # The base: a text-to-image model of the task (noise loss only, no face embedding),
@@ -130,9 +140,14 @@ def _trainer(plan: Plan, name: str, checkpoint: Path, dataset: Path, output: Pat
 
 
 def _steps(trainer, name: str, steps: int, progress) -> list[dict]:
+    """Every step's logged values; the collapse alarm watches each (as a run logging every
+    step does) and its alarms are kept in `trainer.alarms` (step, token, text)."""
     history = []
+    trainer.alarms = []
     for step in range(steps):
         history.append(trainer.train_step())
+        for alarm in trainer.watch(history[-1]):
+            trainer.alarms.append({"step": alarm.step, "token": alarm.token, "text": alarm.describe()})
         if progress is not None:
             progress(name, step + 1, steps, history[-1])
     return history

@@ -84,17 +84,24 @@ class ComfyClient:
         answer = self.post_json("/prompt", {"prompt": graph, "client_id": self.client_id})
         return answer["prompt_id"]
 
+    def result(self, prompt_id: str) -> RunResult | None:
+        """The prompt's result once it has finished, None while it is queued or running;
+        a failed run raises ComfyError with ComfyUI's messages."""
+        entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
+        if not entry or entry.get("status", {}).get("completed") is None:
+            return None
+        status = entry["status"]
+        messages = status.get("messages", [])
+        if status.get("status_str") == "error":
+            raise ComfyError(_describe_failure(messages), messages)
+        return RunResult(prompt_id, entry.get("outputs", {}), messages)
+
     def wait(self, prompt_id: str, timeout: float = 300.0, poll: float = 0.2) -> RunResult:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            history = self.get_json(f"/history/{prompt_id}")
-            entry = history.get(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None:
-                status = entry["status"]
-                messages = status.get("messages", [])
-                if status.get("status_str") == "error":
-                    raise ComfyError(_describe_failure(messages), messages)
-                return RunResult(prompt_id, entry.get("outputs", {}), messages)
+            result = self.result(prompt_id)
+            if result is not None:
+                return result
             time.sleep(poll)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
 

@@ -18,6 +18,7 @@ import torch
 from comfy_api.latest import io
 
 from ..training.config import LIMITS, TrainConfig
+from ..training.run.health import TrainingCollapsedError, alarm_lines, attention_line
 from .base import CheckedNode
 from .paths import checked_choice, checked_model_path, checked_name, checked_path, checked_text, model_roots
 from .stea import FOLDER
@@ -95,8 +96,11 @@ class DIPTrainer(CheckedNode):
                                          "output says which. Off: each of these stops the node before training."),
             ],
             outputs=[io.Image.Output(display_name="loss_curve"), io.String.Output(display_name="weight_file"),
-                     io.String.Output(display_name="report", tooltip="The run's step, and what overwrite did to "
-                                                                     "its run folder.")],
+                     io.String.Output(display_name="report", tooltip="The run's step, what overwrite did to its "
+                                                                     "run folder, and any collapse alarm (a token's "
+                                                                     "attention dead in the face); the node's text "
+                                                                     "adds the identity and expression tokens' "
+                                                                     "attention in the face at the last logged step.")],
             is_output_node=True,
         )
 
@@ -178,13 +182,19 @@ class DIPTrainer(CheckedNode):
             raise api.IdentityLossError(f"recognizer: {exc}") from None
         except api.ResumeError as exc:  # the run folder changed since check_resume
             raise api.ResumeError(f"run_name '{run}': {exc}") from None
+        except TrainingCollapsedError as exc:  # on_collapse=stop: the checkpoint is saved, the message says what to do
+            raise TrainingCollapsedError(f"run_name '{run}': {exc}") from None
         finally:
             mm.soft_empty_cache()
         curve = torch.from_numpy(api.loss_curve(result)).float().div(255)[None]
         weights = os.path.basename(str(result.weights))
         report = "\n".join([*result.notes, f"run_name '{run}': step {result.step} "
-                            f"({f'continued from step {start}' if start else 'new run'}); weight file {weights}"])
-        return io.NodeOutput(curve, weights, report, ui={"text": [report]})
+                            f"({f'continued from step {start}' if start else 'new run'}); weight file {weights}",
+                             *alarm_lines(result.metrics)])
+        # The node's text also shows the tokens' attention in the face (the report output stays the run's story).
+        attention = attention_line(result.metrics)
+        shown = f"{report}\n{attention}" if attention else report
+        return io.NodeOutput(curve, weights, report, ui={"text": [shown]})
 
 
 def _number(widget: str, **kwargs) -> io.Int.Input | io.Float.Input:

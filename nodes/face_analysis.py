@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 
 import folder_paths
+import torch
 from comfy_api.latest import io
 
 from portraitbooth_core.face import (COMBINE_MODES, DEFAULT_DET_THRESHOLD, DETECTORS, EMBEDDING_FORMS,
                                      MEAN_OF_NORMALISED, NO_FACE_ACTIONS, PROVIDER_CHOICES, RECOGNIZERS, SELECT_RULES,
                                      PackError, build_encoder, find_packs, find_parsing_weights, uint8_to_comfy)
 from portraitbooth_core.face.packs import pack_onnx_files
+from portraitbooth_core.face.runtime import cpu_fallback_notice
 
 from .base import CheckedNode
 from .contracts import FaceEmbedding, FaceEncoder
@@ -27,6 +29,16 @@ for _name in ("insightface", "facexlib"):
 
 def _packs() -> dict:
     return find_packs(folder_paths.get_folder_paths("insightface"))
+
+
+def torch_device(provider: str) -> str | torch.device:
+    """Where the torch parts of face analysis run: ComfyUI's device, or the CPU when the
+    user chose provider 'cpu'."""
+    if provider == "cpu":
+        return "cpu"
+    import comfy.model_management
+
+    return comfy.model_management.get_torch_device()
 
 
 class LoadFaceEncoder(CheckedNode):
@@ -50,8 +62,10 @@ class LoadFaceEncoder(CheckedNode):
                                tooltip="auto: the pack's ArcFace when a pack is chosen, else dlib's ResNet. "
                                        "Embeddings of different recognizers cannot be mixed."),
                 io.Combo.Input("provider", options=list(PROVIDER_CHOICES), default="auto",
-                               tooltip="onnxruntime device. auto uses CUDA when onnxruntime-gpu offers it and "
-                                       "says in the console when it falls back to CPU."),
+                               tooltip="onnxruntime device. auto uses CUDA when onnxruntime-gpu offers it; on a "
+                                       "GPU machine with the CPU-only onnxruntime it says so once in the console "
+                                       "and in Analyze Faces' report, with the install command. Face parsing "
+                                       "(torch) runs on ComfyUI's device; cpu keeps everything on the CPU."),
                 io.Int.Input("det_size", default=640, min=160, max=1280, step=32,
                              tooltip="SCRFD input size in pixels; larger finds smaller faces, slower. When no "
                                      "face is found it retries at smaller sizes (64 px steps down to 256), as "
@@ -87,7 +101,7 @@ class LoadFaceEncoder(CheckedNode):
         encoder = build_encoder(pack_dir, detector, recognizer, provider, det_size,
                                 parsing_weights=parsing,
                                 parsing_searched="searched " + ", ".join(folders),
-                                ears=mask_ears, hair=mask_hair, neck=mask_neck)
+                                ears=mask_ears, hair=mask_hair, neck=mask_neck, device=torch_device(provider))
         return io.NodeOutput(encoder)
 
 
@@ -146,8 +160,10 @@ class AnalyzeFaces(CheckedNode):
                                         on_no_face=on_no_face, det_threshold=det_threshold,
                                         combine=combine, weights=weights or None, embedding=embedding)
         print(analysis.report, flush=True)
-        return io.NodeOutput(analysis.identity, analysis.masks(), uint8_to_comfy(analysis.previews),
-                             analysis.report)
+        # The console says it once per process; the report says it every time, where users look.
+        notice = cpu_fallback_notice(getattr(face_encoder, "settings", {}).get("provider", "auto"))
+        report = f"{notice}\n{analysis.report}" if notice else analysis.report
+        return io.NodeOutput(analysis.identity, analysis.masks(), uint8_to_comfy(analysis.previews), report)
 
 
 NODES = [LoadFaceEncoder, AnalyzeFaces]

@@ -71,6 +71,69 @@ def unit_weights(tokens: dict) -> dict:
     return {k: [[(t[0], 1.0, *t[2:]) for t in chunk] for chunk in chunks] for k, chunks in tokens.items()}
 
 
+def _empty_chunk(clip, key: str, like: tuple, length: int) -> list | None:
+    """The empty prompt's chunk of one encoder key as ComfyUI's gen_empty_tokens builds it
+    (start, end, then pads to `length`), each entry shaped like `like` with weight 1; None
+    when the tokenizer shows no start/end/pad to build it from."""
+    special = tokenizer_words(clip.tokenizer, key).start_end_pad
+    if len(special) < 3 or length < 2:
+        return None
+    start, end, pad = special
+    return [(t, 1.0, *like[2:]) for t in [start, end] + [pad] * (length - 2)]
+
+
+def _encode_twice(clip, tokens: dict) -> tuple[list, list[torch.Tensor]]:
+    """The plain way: the weighted encode and a second, unit-weight one."""
+    return (clip.encode_from_tokens_scheduled(tokens),
+            [cond for cond, _ in clip.encode_from_tokens_scheduled(unit_weights(tokens))])
+
+
+def encode_weighted_once(clip, tokens: dict) -> tuple[list, list[torch.Tensor]]:
+    """(CONDITIONING of `tokens` as CLIPTextEncode gives it, the unit-weight output of each of
+    its entries) from ONE forward of the text encoder(s).
+
+    ComfyUI encodes a weighted prompt with one empty-prompt chunk appended to the batch and
+    moves each weighted token around the empty prompt's output at its position,
+    z = (z - z_empty) * w + z_empty; the pooled output is the first chunk's. Encoding the
+    same batch with every weight 1 (the empty chunk as one more chunk) runs the same forward
+    and gives both the unit-weight output the projector reads and z_empty, so the weighting
+    is done here the way ComfyUI does it. Prompts whose layout this cannot reproduce
+    (chunks of different lengths, encoders whose weights differ) take two encodes.
+    """
+    keys = list(tokens)
+    chunks = tokens[keys[0]]
+    length = max((len(c) for c in chunks), default=0)
+    weights = [t[1] for c in chunks for t in c]
+    same_layout = bool(chunks) and all(
+        len(tokens[k]) == len(chunks) and all(len(c) == length for c in tokens[k])
+        and [t[1] for c in tokens[k] for t in c] == weights for k in keys)
+    empties = {k: _empty_chunk(clip, k, tokens[k][0][0], length) for k in keys} if same_layout else {}
+    if not same_layout or any(e is None for e in empties.values()):
+        return _encode_twice(clip, tokens)
+    # SDXL's two encoders are concatenated feature-wise: one weight per token serves both.
+    unit = unit_weights(tokens)
+    for k in keys:
+        unit[k].append(empties[k])
+    encoded = clip.encode_from_tokens_scheduled(unit)
+    size = len(weights)
+    if any(cond.shape[-2] != size + length for cond, _ in encoded):
+        log.debug("PortraitBooth: unexpected encoder output layout; encoding the weighted prompt twice")
+        return _encode_twice(clip, tokens)
+    text_conds, unit_conds = [], []
+    for cond, extra in encoded:
+        plain, empty = cond[:, :size], cond[:, size:].repeat(1, len(chunks), 1)
+        w = torch.tensor(weights, dtype=cond.dtype, device=cond.device)[None, :, None]
+        # Tokens of weight 1 are left untouched, as ComfyUI leaves them (bit for bit).
+        moved = torch.tensor([x != 1.0 for x in weights], device=cond.device)[None, :, None]
+        weighted = torch.where(moved, (plain - empty) * w + empty, plain)
+        extra = dict(extra)
+        if torch.is_tensor(extra.get("attention_mask")):  # flattened over the chunks, as ComfyUI returns it
+            extra["attention_mask"] = extra["attention_mask"][..., :size]
+        text_conds.append([weighted, extra])
+        unit_conds.append(plain)
+    return text_conds, unit_conds
+
+
 def _with_range(entry: list, start: float, end: float) -> list:
     return [entry[0], {**entry[1], "start_percent": start, "end_percent": end}]
 
@@ -126,9 +189,9 @@ def encode_with_identity(clip, text: str, identities: Sequence[Identity], model:
     weights = [h.weight for h in hits]
     faces = torch.stack([f.vector.detach().float().reshape(-1) for f in identities])
 
-    text_conds = clip.encode_from_tokens_scheduled(tokens)
     # A weighted class word ("(man:1.2)") must feed the projector its unweighted CLIP output.
-    raw_conds = clip.encode_from_tokens_scheduled(unit_weights(tokens)) if any(w != 1.0 for w in weights) else None
+    text_conds, raw_conds = (encode_weighted_once(clip, tokens) if any(w != 1.0 for w in weights)
+                             else (clip.encode_from_tokens_scheduled(tokens), None))
     # Readers downstream (ECAC, regions) need to know which tokens carry the identities and
     # the expressions (found with the model's own emotion words), so they never re-tokenize;
     # only the identity entries get it, the plain-text ranges below do not.
@@ -138,11 +201,11 @@ def encode_with_identity(clip, text: str, identities: Sequence[Identity], model:
                       expression_words=tuple(m.word for m in expressions), emotion_words=info.emotion_words)
     out = []
     for n, (cond, extra) in enumerate(text_conds):
-        psi = raw_conds[n][0][:, positions] if raw_conds is not None else None
+        psi = raw_conds[n][:, positions] if raw_conds is not None else None
         with torch.no_grad():
             id_cond = splice_identity(cond, positions, faces, model.projector, strength, psi=psi, weights=weights)
         out += identity_ranges([id_cond, write_stea(extra, entry)], [cond, extra], start_percent, end_percent)
     return out
 
 
-__all__ = ["ClassWordError", "as_identities", "clip_matcher", "encode_with_identity"]
+__all__ = ["ClassWordError", "as_identities", "clip_matcher", "encode_weighted_once", "encode_with_identity"]

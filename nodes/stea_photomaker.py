@@ -26,7 +26,7 @@ from portraitbooth_core.weights.meta import EmbeddingMismatchError, check_embedd
 from portraitbooth_core.vocabulary import expression_words
 
 from .contracts import STEAEntry, write_stea
-from .stea_encode import AUTO, auto_class_words, identity_ranges, unit_weights
+from .stea_encode import AUTO, auto_class_words, encode_weighted_once, identity_ranges
 
 log = logging.getLogger("portraitbooth")
 SDXL_KEYS = ("g", "l")  # ComfyUI's SDXL tokenizer: OpenCLIP bigG and CLIP-L
@@ -130,8 +130,8 @@ def encode_stacked(clip, text: str, identities: Sequence[Identity], model: Portr
     if start_percent > 0.0 or end_percent < 1.0:
         text_only = clip.encode_from_tokens_scheduled(restack(clip, tokens, [replace(s, copies=1) for s in sites])[0])
     weights = [h.weight for h in hits]
-    text_conds = clip.encode_from_tokens_scheduled(stacked)
-    raw_conds = clip.encode_from_tokens_scheduled(unit_weights(stacked)) if any(w != 1.0 for w in weights) else None
+    text_conds, raw_conds = (encode_weighted_once(clip, stacked) if any(w != 1.0 for w in weights)
+                             else (clip.encode_from_tokens_scheduled(stacked), None))
     expressions = matches(tokenizer_words(clip.tokenizer, "l").matcher(expression_words(info.emotion_words)),
                           stacked["l"])
     entry = STEAEntry(base="sdxl", class_positions=tuple(p[-1] for p in copies),
@@ -143,7 +143,7 @@ def encode_stacked(clip, text: str, identities: Sequence[Identity], model: Portr
         id_cond = cond
         with torch.no_grad():
             for face, positions, weight in zip(identities, copies, weights):
-                psi = raw_conds[n][0][:, positions] if raw_conds is not None else None
+                psi = raw_conds[n][:, positions] if raw_conds is not None else None
                 id_cond = splice_photomaker(id_cond, positions, model.projector, strength=strength, psi=psi,
                                             weights=[weight] * len(positions), **head_features(model, face))
         plain = text_only[min(n, len(text_only) - 1)] if text_only is not None else None

@@ -74,6 +74,7 @@ fi
 
 # --- the pack's requirements and the test tools -------------------------------------
 pack_key=$(cat "$repo/requirements.txt" "$repo/requirements-test.txt" "$repo/requirements-insightface.txt" \
+  "$repo/requirements-facenet.txt" \
   "$repo/install.py" |
   sha1sum | cut -c1-12)
 if ! stamp_ok pack-reqs "$pack_key-$py"; then
@@ -86,6 +87,9 @@ if ! stamp_ok pack-reqs "$pack_key-$py"; then
   # opencv-python-headless and break cv2; its other dependencies come from
   # requirements-insightface.txt (pulled in by requirements-test.txt). As the README says.
   "$py" -m pip install -q --no-deps insightface==2.1
+  # facenet-pytorch (the evaluation's --identity-metric facenet) pins torch<2.3 and numpy<2:
+  # without --no-deps pip would downgrade both. See requirements-facenet.txt.
+  "$py" -m pip install -q --no-deps -r "$repo/requirements-facenet.txt"
   stamp_set pack-reqs "$pack_key-$py"
 fi
 

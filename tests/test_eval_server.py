@@ -1,13 +1,15 @@
 """Through the real ComfyUI: the protocol runner drives the pack's workflows, and the
 Identity Score node scores and sorts a batch.
 
-Stand-ins in real formats: the random SD1.5 checkpoint and a PortraitBooth file for the
-zero-download face encoder (RetinaFace + dlib, 128-d). The generated images are noise,
-so the protocol test checks the run (files, manifest, report), not the scores; the node
-test uses real photos, whose scores are meaningful.
+Stand-ins in real formats (the session's template models): the random SD1.5 and SDXL
+checkpoints, a PortraitBooth file for the zero-download face encoder (RetinaFace + dlib,
+128-d), FastComposer's and PhotoMaker's stand-in releases imported with the CLI. The
+generated images are noise, so the protocol test checks the run (files, manifest, report),
+not the scores; the node test uses real photos, whose scores are meaningful.
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 import shutil
@@ -16,75 +18,88 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from standins.sd15 import build_portraitbooth_file
-from conftest import started_server
+from standins.templates import PHOTOMAKER_FILES, WEIGHTS
 from evaluation.__main__ import main
 from face_fixtures import read_photo, zero_download_encoder  # noqa: F401  (fixture)
 
-pytestmark = pytest.mark.slow  # own server and protocol runs: ~30 s
+pytestmark = pytest.mark.slow  # protocol runs of three methods through the session's server: ~1-2 min
 
-WEIGHTS = "portraitbooth_eval_standin.safetensors"
 NO_PACK = "none (zero-download RetinaFace)"
+FASTCOMPOSER = "fastcomposer_postfuse.safetensors"  # what import-fastcomposer writes (standins/templates.py)
+PHOTOMAKER_V2 = PHOTOMAKER_FILES["photomaker_v2.safetensors"]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, sd15_checkpoint):
-    weights = tmp_path_factory.mktemp("portraitbooth")
-    build_portraitbooth_file(weights / WEIGHTS)  # dlib:resnet128, what the zero-download encoder gives
-    server = started_server(tmp_path_factory.mktemp("comfy-eval"), extra_model_paths={"portraitbooth": str(weights)})
-    yield server
-    server.stop()
+def server(models_server):
+    # The session's server: the PortraitBooth stand-in (zero-download face encoder), FastComposer's
+    # stand-in release imported with the CLI, the PhotoMaker stand-ins and a stand-in buffalo_l.
+    return models_server
 
 
-def test_protocol_runner_generates_through_comfyui_and_scores(server, sd15_checkpoint, photos_dir, tmp_path):
-    subjects = tmp_path / "subjects"
-    (subjects / "obama").mkdir(parents=True)
-    shutil.copy(photos_dir / "obama.jpg", subjects / "obama" / "ref.jpg")
-    (subjects / "subjects.json").write_text(json.dumps({"obama": "man"}))
+@pytest.fixture
+def subjects(tmp_path, photos_dir):
+    folder = tmp_path / "subjects"
+    (folder / "obama").mkdir(parents=True)
+    shutil.copy(photos_dir / "obama.jpg", folder / "obama" / "ref.jpg")
+    shutil.copy(photos_dir / "biden.jpg", folder / "biden.jpg")
+    (folder / "subjects.json").write_text(json.dumps({"obama": "man", "biden": "man"}))
+    return folder
+
+
+def test_protocol_runs_every_method_through_its_own_template_in_one_command_and_reports_them_side_by_side(
+        server, sd15_checkpoint, sdxl_checkpoint, subjects, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["protocol", "--server", server.url, "--subjects", str(subjects), "--checkpoint", sd15_checkpoint,
-            "--weights", WEIGHTS, "--prompts", "accessory", "--per-category", "2", "--images-per-prompt", "1",
-            "--size", "64", "--steps", "2", "--out", str(out)]
+            "--sdxl-checkpoint", sdxl_checkpoint, "--weights", WEIGHTS, "--weights", FASTCOMPOSER,
+            "--weights", PHOTOMAKER_V2, "--setting", "both", "--prompts", "context", "--per-category", "1",
+            "--images-per-prompt", "1", "--size", "64", "--steps", "2", "--out", str(out)]
     assert main(args) == 0
+    stems = {WEIGHTS: "portraitbooth_templates_standin", FASTCOMPOSER: "fastcomposer_postfuse",
+             PHOTOMAKER_V2: PHOTOMAKER_V2.removesuffix(".safetensors")}
+    manifests = {}
+    for name, stem in stems.items():
+        single = json.loads((out / stem / "single" / "images" / "prompts.json").read_text())
+        multi = json.loads((out / stem / "multi" / "images" / "prompts.json").read_text())
+        assert sorted(single) == ["biden/context00_0.png", "obama/context00_0.png"]
+        assert sorted(multi) == ["biden+obama/context00_0.png"]
+        assert Image.open(out / stem / "single" / "images" / "obama" / "context00_0.png").size == (64, 64)
+        manifests[name] = single
+        for setting in ("single", "multi"):
+            result = json.loads((out / stem / setting / "scores.json").read_text())
+            assert all(0.0 <= r["identity"] <= 1.0 for r in result["images"])
+            assert (out / f"sheet_{stem}_{setting}.png").is_file()
+    # The method comes from the file; every method sees the same prompts and seeds.
+    assert {n: m["obama/context00_0.png"]["method"] for n, m in manifests.items()} == {
+        WEIGHTS: "PortraitBooth", FASTCOMPOSER: "FastComposer", PHOTOMAKER_V2: "PhotoMaker v2"}
+    assert manifests[WEIGHTS]["obama/context00_0.png"]["prompt"] == "a man on the beach"
+    assert manifests[PHOTOMAKER_V2]["obama/context00_0.png"]["prompt"] == "a man img on the beach"
+    assert len({m["obama/context00_0.png"]["seed"] for m in manifests.values()}) == 1
+    report = (out / "report.md").read_text()
+    assert f"| FastComposer | {FASTCOMPOSER} |" in report and f"| PortraitBooth | {WEIGHTS} |" in report
+    assert f"| PhotoMaker v2 | {PHOTOMAKER_V2} |" in report
+    assert "| 0.514 / 0.243 | 0.431 / 0.243 |" in report and "| 0.657 / 0.245 | — / — |" in report
+    rows = {r["weights"]: r for r in csv.DictReader((out / "report.csv").open())}
+    assert rows[FASTCOMPOSER]["paper single Id"] == "0.514" and float(rows[FASTCOMPOSER]["single s/image"]) > 0
+    assert "report.md" in capsys.readouterr().out
 
-    images = sorted(p.name for p in (out / "images" / "obama").iterdir())
-    assert images == ["accessory00_0.png", "accessory01_0.png"]
-    assert Image.open(out / "images" / "obama" / images[0]).size == (64, 64)
-    manifest = json.loads((out / "images" / "prompts.json").read_text())
-    assert manifest["obama/accessory00_0.png"]["prompt"] == "a man wearing a red hat"
-    assert manifest["obama/accessory01_0.png"]["seed"] == 1  # one seed per prompt
-    result = json.loads((out / "scores.json").read_text())
-    assert [r["file"] for r in result["images"]] == ["obama/accessory00_0.png", "obama/accessory01_0.png"]
-    assert all(0.0 <= r["identity"] <= 1.0 for r in result["images"])
-    assert (out / "scores.md").is_file() and (out / "contact_sheet.png").is_file()
-
-    # A second run finds every image on disk and generates nothing: same bytes.
-    before = (out / "images" / "obama" / images[0]).stat().st_mtime_ns
+    # A second run finds every image complete and generates nothing: same files, same bytes.
+    image = out / stems[FASTCOMPOSER] / "single" / "images" / "obama" / "context00_0.png"
+    before = image.stat().st_mtime_ns
     assert main(args) == 0
-    assert (out / "images" / "obama" / images[0]).stat().st_mtime_ns == before
+    assert image.stat().st_mtime_ns == before
 
 
-def test_the_multi_subject_protocol_runs_the_two_subject_workflow(server, sd15_checkpoint, photos_dir, tmp_path):
-    subjects = tmp_path / "subjects"
-    subjects.mkdir()
-    for name in ("obama", "biden"):
-        shutil.copy(photos_dir / f"{name}.jpg", subjects / f"{name}.jpg")
-    out = tmp_path / "run"
-    base = ["protocol", "--server", server.url, "--subjects", str(subjects), "--checkpoint", sd15_checkpoint,
-            "--weights", WEIGHTS, "--out", str(out), "--class-word", "man"]
-    assert main(base + ["--multi", "--prompts", "context", "--per-category", "1", "--images-per-prompt", "1",
-                        "--size", "64", "--steps", "2"]) == 0
-    manifest = json.loads((out / "images" / "prompts.json").read_text())
-    assert manifest == {"biden+obama/context00_0.png": {
-        "prompt": "a man and a man on the beach", "category": "context", "prompt_id": "context00", "seed": 0,
-        "batch_index": 0}}
-    assert Image.open(out / "images" / "biden+obama" / "context00_0.png").size == (96, 64)
-    (record,) = json.loads((out / "scores.json").read_text())["images"]
-    assert record["subjects"] == ["biden", "obama"] and len(record["per_subject"]) == 2
-
+def test_a_two_subject_run_needs_two_subjects_and_a_method_needs_its_base_checkpoint(
+        server, sd15_checkpoint, subjects, tmp_path):
     (subjects / "biden.jpg").unlink()
+    base = ["protocol", "--server", server.url, "--subjects", str(subjects), "--checkpoint", sd15_checkpoint,
+            "--out", str(tmp_path / "run"), "--weights", WEIGHTS]
     with pytest.raises(ValueError, match="at least two subjects"):
         main(base + ["--multi"])
+    with pytest.raises(ValueError, match="--sdxl-checkpoint"):
+        main(base + ["--weights", PHOTOMAKER_V2])
+    with pytest.raises(ValueError, match="has no such file"):
+        main(base + ["--weights", "nobody.safetensors"])
 
 
 def face_crop(encoder, photo: np.ndarray, size: int = 256) -> np.ndarray:

@@ -369,21 +369,81 @@ def test_missing_keys_are_listed(release, tmp_path):
         _import(_save(tmp_path, sd), tmp_path)
 
 
-def test_wrong_shapes_are_reported(release, tmp_path):
+def _sd2_like_unet() -> dict[str, torch.Tensor]:
+    """The small release's UNet as SD2 builds it: 1024-d text context, linear projections."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**dict(TINY_UNET, cross_attention_dim=1024, use_linear_projection=True))
+    return {f"unet.{k}": torch.zeros(v.shape) for k, v in unet.state_dict().items()}
+
+
+ATTN = "unet.down_blocks.0.attentions.0"
+WRONG_SHAPES = {
+    # case: (tensors replaced in the small release, what the message says of them, the tensors named
+    # with (found) and (expected) shapes)
+    "a UNet tensor": ({f"{ATTN}.transformer_blocks.0.ff.net.2.weight": (320, 100)}, "UNet tensors with the wrong shape",
+                      [(f"{ATTN}.transformer_blocks.0.ff.net.2.weight", (320, 100), "(320, 1280) (SD1.5's layout)")]),
+    "an SD2-like UNet": ("sd2", "the UNet is not SD1.5's (FastComposer's release is SD1.5)",
+                         [(f"{ATTN}.transformer_blocks.0.attn2.to_k.weight", (320, 1024), (320, 768)),
+                          (f"{ATTN}.proj_in.weight", (320, 320), (320, 320, 1, 1))]),
+    "a postfuse tensor": ({"postfuse_module.mlp2.fc2.weight": (768, 512)}, "postfuse tensors with the wrong shape",
+                          [("postfuse_module.mlp2.fc2.weight", (768, 512), (768, 768))]),
+    "an image encoder tensor": ({"image_encoder.vision_model.encoder.layers.0.mlp.fc2.weight": (128, 100)},
+                                "image encoder tensors with the wrong shape",
+                                [("image_encoder.vision_model.encoder.layers.0.mlp.fc2.weight", (128, 100),
+                                  (128, 256))]),
+    "a position table of no ViT": ({"image_encoder.vision_model.embeddings.position_embedding.weight": (51, 128)},
+                                   "the image encoder's position table is not a ViT's",
+                                   [("image_encoder.vision_model.embeddings.position_embedding.weight", (51, 128),
+                                     "(1 + a square number of patches, 128), e.g. (257, 1024) for CLIP ViT-L/14 "
+                                     "at 224 px")]),
+    "a text encoder of another width": ({"text_encoder.final_layer_norm.weight": (512,)},
+                                        "text widths disagree with the UNet's 768-d text context",
+                                        [("text_encoder.final_layer_norm.weight", (512,), (768,))]),
+    "a projection the postfuse module cannot read": (
+        {"image_encoder.visual_projection.weight": (512, 128)},
+        "the postfuse module reads 768-d image embeddings (postfuse_module.mlp1.layernorm.weight (1536,) = 768 text "
+        "+ 768 image) but the image encoder projects to 512",
+        [("image_encoder.visual_projection.weight", (512, 128), (768, 128))]),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_SHAPES))
+def test_wrong_shapes_name_the_file_each_tensor_found_and_expected_and_the_fix(case, release, tmp_path):
+    changes, what, tensors = WRONG_SHAPES[case]
     sd = dict(release["sd"])
-    sd["unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2.weight"] = torch.zeros(320, 100)
-    with pytest.raises(fc.WrongShapeError, match=r"unet\.down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.ff\.net\.2"
-                                                 r"\.weight \(320, 100\) \(SD1\.5 layout needs \(320, 1280\)\)"):
-        _import(_save(tmp_path, sd), tmp_path)
-    sd = dict(release["sd"])
-    sd["postfuse_module.mlp2.fc2.weight"] = torch.zeros(768, 512)
-    with pytest.raises(fc.WrongShapeError, match=r"postfuse_module\.mlp2\.fc2\.weight \(768, 512\) \(expected \(768, 768\)\)"):
-        _import(_save(tmp_path, sd), tmp_path)
-    sd = dict(release["sd"])
-    sd["image_encoder.visual_projection.weight"] = torch.zeros(512, 128)
-    with pytest.raises(fc.WrongShapeError, match="postfuse module reads 768-d image embeddings but the image "
-                                                 "encoder projects to 512"):
-        _import(_save(tmp_path, sd), tmp_path)
+    if changes == "sd2":
+        sd = {k: v for k, v in sd.items() if not k.startswith("unet.")} | _sd2_like_unet()
+    else:
+        sd.update({k: torch.zeros(shape) for k, shape in changes.items()})
+    path = _save(tmp_path, sd)
+    with pytest.raises(fc.WrongShapeError) as refused:
+        _import(path, tmp_path)
+    shown = "; ".join(f"{key} has shape {found}, expected {expected}" for key, found, expected in tensors)
+    assert str(refused.value) == (f"{path}: {what}: {shown}. The file is not FastComposer's released SD1.5 model, "
+                                  f"or it was changed; download pytorch_model.bin again from "
+                                  f"https://huggingface.co/mit-han-lab/fastcomposer (pytorch_model.bin) and import "
+                                  f"that.")
+    assert not (tmp_path / "models").exists()  # nothing written for a refused file
+
+
+def test_the_truncated_file_hint_states_the_release_size():
+    """The size a truncated file is compared with is the released model's: SD1.5's UNet,
+    CLIP-L text and ViT-L/14 image encoders, SD1.5's VAE and the postfuse MLP, counted here
+    from their full-size layouts (meta device)."""
+    from diffusers import AutoencoderKL
+
+    sd = _meta_release()
+    with torch.device("meta"):  # SD1.5's VAE (the one _meta_release uses is diffusers' one-level default)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
+    sd = {k: v for k, v in sd.items() if not k.startswith("vae.")} | {f"vae.{k}": v for k, v in vae.state_dict().items()}
+    params = sum(v.numel() for k, v in sd.items() if not k.endswith("position_ids"))  # buffers, not weights
+    assert 1.37e9 < params < 1.375e9, params
+    note = fc.RELEASE_WORDS.size_note
+    assert f"about {params / 1e9:.2f} billion parameters, {2 * params / 1e9:.2f} GB in fp16, twice that in fp32" \
+        in note, (params, note)
 
 
 def test_truncated_file_says_download_again(release, tmp_path):

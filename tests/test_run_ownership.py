@@ -26,7 +26,9 @@ from training_fixtures import *  # noqa: F401,F403
 # without anyone listing it.
 LOGISTICS = {"output", "steps", "num_workers", "prefetch_factor", "gradient_checkpointing", "log_every",
              "save_every", "keep_last", "validate_every", "validation_steps", "validation_cfg", "tensorboard",
-             "export_every", "export_name", "extra"}
+             "export_every", "export_name", "extra",
+             # the collapse alarm watches the run; changing it (stop -> warn) changes no result
+             "collapse_threshold", "collapse_patience", "on_collapse"}
 
 
 def result_settings() -> list[str]:
@@ -122,7 +124,7 @@ def test_with_overwrite_another_owners_run_is_taken_over_and_the_output_says_so(
 def changed(name: str, value):
     """Another valid value of a setting, and any setting it needs to stay valid."""
     choices = {"mode": "frozen", "optimizer": "adamw8bit", "precision": "fp32", "dip_region": "full",
-               "precomputed": "off", "loc_layers": "all", "recognizer_feature": "stage3"}
+               "precomputed": "off", "loc_layers": "all", "recognizer_feature": "stage3", "loc_floor": "log"}
     if name == "stage0_steps":
         return {name: 5, "stage0_teacher": "teacher_postfuse.safetensors"}
     if name in choices:

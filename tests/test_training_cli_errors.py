@@ -122,6 +122,79 @@ def test_missing_or_wrong_input_files_are_named(case, sd15_checkpoint, dataset_d
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # a refused command leaves nothing behind
 
 
+# -- building a dataset ----------------------------------------------------------------------------
+
+def _stderr_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """stderr's lines without the progress bar's redraws (tqdm ends them with carriage returns)."""
+    return [line for line in result.stderr.replace("\r", "\n").splitlines()
+            if line.strip() and not line.startswith("people:")]
+
+
+@pytest.mark.parametrize("has", ["recognizer", "detector"])
+def test_an_incomplete_pack_says_what_build_can_do_without_the_missing_file(has, people_dir, tmp_path):
+    from standins_face import build_arcface_onnx, build_scrfd_onnx
+
+    pack = tmp_path / "packs" / "halfpack"
+    build_arcface_onnx(pack / "w600k_r50.onnx") if has == "recognizer" else build_scrfd_onnx(pack / "det_10g.onnx")
+    built = tmp_path / "built"
+    result = cli("build", people_dir, built, "--pack", pack, "--resolution", 64)
+    missing = "a face detector (SCRFD" if has == "recognizer" else "a face recognizer (ArcFace"
+    assert one_error(result).startswith(f"The face model pack in {pack} is incomplete: missing {missing}")
+    hint = {"recognizer": "Or keep this pack's recognizer and find faces with the zero-download RetinaFace "
+                          "detector: add --detector retinaface.",
+            "detector": "(--recognizer dlib needs no download, but `python -m training train` refuses a dataset "
+                        "built with it unless it trains without the identity loss, --set id_weight=0.)"}[has]
+    assert result.stderr.rstrip().endswith(hint), result.stderr[-2000:]
+    assert not built.exists()
+    if has == "recognizer":  # the hint works: this pack's ArcFace with RetinaFace builds a dataset train takes
+        result = cli("build", people_dir, built, "--pack", pack, "--detector", "retinaface", "--resolution", 64,
+                     "--caption-template", "a photo of a {word}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads((built / "index.json").read_text())["face_encoder"]["kind"].startswith("arcface")
+        assert not [line for line in _stderr_lines(result) if line.startswith("warning:")], result.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def built_without_pack(people_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A build with the zero-download backends (no --pack), by two worker processes."""
+    built = tmp_path_factory.mktemp("nopack") / "built"
+    result = cli("build", people_dir, built, "--resolution", 64, "--caption-template", "a photo of a {word}",
+                 "--workers", 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return built, result
+
+
+def test_a_build_without_a_pack_warns_that_train_will_refuse_the_dataset(built_without_pack, sd15_checkpoint,
+                                                                          tmp_path):
+    from conftest import MODELS_DIR
+
+    built, result = built_without_pack
+    warnings = [line for line in _stderr_lines(result) if line.startswith("warning: ")]
+    assert warnings == [
+        "warning: this dataset's faces are encoded by the dlib:resnet128 recognizer (128-d embeddings), and `python "
+        "-m training train` refuses such a dataset: its identity loss (DIP) needs the ArcFace recognizer of an "
+        "insightface pack. To train with the identity loss, build into a new folder with --pack "
+        "models/insightface/models/antelopev2 (--detector retinaface keeps the zero-download detector); to train "
+        "this dataset as it is, give train --set id_weight=0 (no identity loss)."], result.stderr[-3000:]
+    # What the warning says train does, train does: it refuses the dataset, naming the same two ways on.
+    refused = one_error(cli("train", "--device", "cpu", "--checkpoint", MODELS_DIR / "checkpoints" / sd15_checkpoint,
+                            "--dataset", built, "--output", tmp_path / "run", "--set", "steps=1"))
+    assert refused.startswith(f"the dataset {built} was built with the dlib:resnet128 face encoder (128-d "
+                              f"embeddings), which has no differentiable recognizer"), refused
+    assert "--pack models/insightface/models/antelopev2" in refused and "`--set id_weight=0`" in refused, refused
+
+
+def test_build_workers_print_each_notice_once(built_without_pack):
+    """Each worker makes its own face encoder; the notices of making it (CPU provider, the
+    ellipse masks) are the builder's to print, once, in its own format."""
+    _, result = built_without_pack
+    lines = _stderr_lines(result)
+    assert any("face masks: no parsing_bisenet.pth found" in line for line in lines), result.stderr[-3000:]
+    repeated = sorted({line for line in lines if lines.count(line) > 1})
+    assert not repeated, result.stderr[-3000:]
+    assert not [line for line in lines if line.startswith("WARNING:")], result.stderr[-3000:]
+
+
 # -- continuing a run with settings that change what it trains -------------------------------------
 
 @pytest.fixture(scope="module")

@@ -35,9 +35,17 @@ REORDERED_ATOL = 1e-4
 # later steps inherit the ~1e-7 relative weight differences above. A term averaged over
 # the wrong micro-batches (the old per-rank mean) is off by tens of percent.
 LOG_RTOL, LOG_ATOL = 1e-5, 1e-7
-# Logs of the reordered runs inherit REORDERED_ATOL's weight differences: measured 1.5e-5
-# relative in step 4's grad_norm for 2 then 4 processes (Xeon, torch 2.14.1 on the CPU),
-# still three orders of magnitude below a term averaged over the wrong micro-batches.
+# Logs of the reordered runs: step 1 starts from the same weights, so only the order of the
+# float sums differs and every logged number (grad_norm too) is held to LOG_RTOL. Later
+# steps start from weights REORDERED_ATOL's rounding moved apart, and every logged number is
+# a function of those weights; grad_norm is the most sensitive (a gradient moves with the
+# weights far more than the loss does). Measured (Xeon, torch 2.14.1, CPU): 4 ranks x
+# micro_batch 2 x grad_accum 2 against 1 process x grad_accum 8, step 3: weights 1.8e-5
+# apart, grad_norm 5.4e-6 relative, loss terms 1.2e-7; 2 then 4 processes, step 4:
+# grad_norm 1.5e-5. The logged norm itself is right: it is taken after DDP's all-reduce,
+# before clipping, and one process recomputing that step 3 from the 4-rank run's step-2
+# weights logs the 4-rank grad_norm to all 8 decimals. 1e-4 is still three orders of
+# magnitude below a term averaged over the wrong micro-batches or a rank's own gradient.
 REORDERED_LOG_RTOL = 1e-4
 LOGGED = ("noise", "loc", "id", "total", "grad_norm", "id_batches", "lr")
 RECIPE_STEPS = 4  # seed 0, micro-batches of 1: steps 1-3 mix ranks with and without L_id, step 4 has none
@@ -111,7 +119,8 @@ def assert_same_logs(one_dir, other_dir, steps: range, rtol: float = LOG_RTOL) -
         a = {k: one[step][k] for k in LOGGED if k in one[step]}
         b = {k: other[step][k] for k in LOGGED if k in other[step]}
         assert a.keys() == b.keys(), (step, a, b)
-        assert b == pytest.approx(a, rel=rtol, abs=LOG_ATOL), step
+        same_weights = step == 1  # both runs take step 1 from the same initial weights (REORDERED_LOG_RTOL)
+        assert b == pytest.approx(a, rel=LOG_RTOL if same_weights else rtol, abs=LOG_ATOL), step
     return [other[s] for s in steps]
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 
 def _build(args) -> int:
+    from portraitbooth_core.face.errors import IncompletePackError
+
     from .build.settings import BuildSettings, BuildStateError, EncoderSpec
     from .build.builder import DatasetBuilder, format_report
     from .build.face_crops import CropSettings
@@ -37,13 +39,47 @@ def _build(args) -> int:
         settings = BuildSettings(crops, args.caption_template, args.default_word, shard_size=args.shard_size,
                                  video_stride=args.video_stride, video_fps=args.video_fps,
                                  video_reference_gap=args.video_reference_gap, **captions["settings"]).validate()
-        report = DatasetBuilder(args.source, args.output, encoder, settings, captioner=captions["captioner"],
-                                workers=args.workers, part=args.part).build()
+        builder = DatasetBuilder(args.source, args.output, encoder, settings, captioner=captions["captioner"],
+                                 workers=args.workers, part=args.part)
+        refused = _train_refuses(builder.encoder)
+        if refused:  # now, before hours of building (it stays above the progress bar)
+            print(f"warning: {refused}", file=sys.stderr)
+        report = builder.build()
+    except IncompletePackError as exc:  # the pack's message, and what this command can do without the missing file
+        print(f"error: {exc}{_without_pack_file(exc.missing)}", file=sys.stderr)
+        return 2
     except (BuildStateError, ValueError) as exc:  # settings, --part, or a folder built otherwise: the fix
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_report(report))
     return 0 if report["samples"] else 1
+
+
+def _without_pack_file(missing: tuple[str, ...]) -> str:
+    """The build options that do without a pack file that is missing (added to the pack's message)."""
+    if missing == ("detector",):  # its recognizer is there: only the detector needs another source
+        return ("\nOr keep this pack's recognizer and find faces with the zero-download RetinaFace detector: "
+                "add --detector retinaface.")
+    if "recognizer" in missing:  # dlib needs no download, but its dataset cannot feed the identity loss
+        return ("\n(--recognizer dlib needs no download, but `python -m training train` refuses a dataset built "
+                "with it unless it trains without the identity loss, --set id_weight=0.)")
+    return ""
+
+
+def _train_refuses(encoder) -> str:
+    """Why `train` will refuse the dataset this encoder makes ("" when it will not).
+
+    The same test as train's (run/dip_check.identity_recognizer): the identity loss needs
+    the ArcFace recognizer of a pack, run as torch; dlib's embeddings have no such twin."""
+    kind = str(getattr(encoder, "kind", ""))
+    if kind.startswith("arcface"):
+        return ""
+    dim = getattr(getattr(encoder, "recognizer", None), "dim", "?")
+    return (f"this dataset's faces are encoded by the {kind} recognizer ({dim}-d embeddings), and `python -m "
+            f"training train` refuses such a dataset: its identity loss (DIP) needs the ArcFace recognizer of an "
+            f"insightface pack. To train with the identity loss, build into a new folder with --pack "
+            f"models/insightface/models/antelopev2 (--detector retinaface keeps the zero-download detector); to "
+            f"train this dataset as it is, give train --set id_weight=0 (no identity loss).")
 
 
 def _merge(args) -> int:
@@ -114,13 +150,14 @@ def _train(args) -> int:
     from .run.ownership import hold_run, inspect_run
     from .run.trainer import Trainer
     from .models.warm_start import WarmStartError
+    from .run.health import TrainingCollapsedError
     from .run.stage0 import check_settings
 
     config = _config(args)
     try:
         check_settings(config)  # warm-start files, before SD1.5 loads
     except WarmStartError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
     # The inputs, before the ranks are set up and the run folder is made: a wrong path fails now.
     check_checkpoint(config.checkpoint)
@@ -137,8 +174,11 @@ def _train(args) -> int:
             except RunLockedError as exc:
                 held_elsewhere = str(exc)
         if D.all_sum(torch.tensor([float(held_elsewhere is not None)], dtype=torch.float64), dist).item():
-            if held_elsewhere:
-                print(f"error: --output {held_elsewhere}", file=sys.stderr)
+            if dist.enabled:  # every rank's error (torchrun's summary) names the holder, not only rank 0's
+                said = [held_elsewhere]
+                torch.distributed.broadcast_object_list(said, src=0)
+                held_elsewhere = said[0]
+            _error(f"--output {held_elsewhere}")
             return 2
         # An existing run continues only with its own settings (run/ownership.py). Every rank
         # reads the folder before rank 0 changes it, so all refuse or all go on.
@@ -146,7 +186,7 @@ def _train(args) -> int:
         D.barrier(dist)
         refusal = claim.refusal(args.overwrite, "cli")
         if refusal:
-            print(f"error: --output {config.output}: {refusal}", file=sys.stderr)
+            _error(f"--output {config.output}: {refusal}")
             return 2
         if dist.main:
             for note in claim.apply(args.overwrite):
@@ -156,15 +196,16 @@ def _train(args) -> int:
         try:
             trainer = Trainer(config, dist)
         except (IdentityLossError, WarmStartError) as exc:  # the dataset cannot feed L_id, ...: the fix, not a traceback
-            print(f"error: {exc}", file=sys.stderr)
+            _error(str(exc))
             return 2
         if dist.main:
             claim.record()
         try:
             path = trainer.run()
-        except (WarmStartError, NonFiniteWeightsError) as exc:  # stage 0's data (e.g. a CLIP vision file of
-            # another width), or weights that diverged (export names them and the setting)
-            print(f"error: {exc}", file=sys.stderr)
+        except (WarmStartError, NonFiniteWeightsError, TrainingCollapsedError) as exc:  # stage 0's data (e.g. a
+            # CLIP vision file of another width), weights that diverged (export names them and the setting),
+            # or on_collapse=stop (the checkpoint is saved; the message says what to change)
+            _error(str(exc))
             trainer.close()
             return 2
         if path is not None:
@@ -173,7 +214,7 @@ def _train(args) -> int:
     except KeyboardInterrupt:  # Ctrl-C (torchrun passes it on to every rank): where the run stands, how to go on
         interrupted = True
         if dist.main:
-            print(f"error: {_interrupted(args, config, trainer)}", file=sys.stderr)
+            _error(_interrupted(args, config, trainer))
         return 130
     finally:
         try:
@@ -369,6 +410,47 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error(message: str) -> None:
+    """A refusal: `error: <message>` on stderr.
+
+    Under torchrun the rank also leaves it in its error file (TORCHELASTIC_ERROR_FILE, in
+    torch.distributed.elastic's format), so torchrun's failure summary, printed after its
+    own ChildFailedError traceback, shows this message as the rank's error and the root
+    cause instead of "To enable traceback see ...". There only each node's first rank prints
+    it: the ranks check the same inputs, and each rank's message is in that summary anyway."""
+    import os
+
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE") or os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
+    _error_file({"message": f"error: {message}"})
+
+
+def _record_crash(exc: BaseException) -> None:
+    """Under torchrun: this rank's traceback in its error file (what torch's @record does)."""
+    import traceback
+
+    _error_file({"message": f"{type(exc).__name__}: {exc}", "py_callstack": traceback.format_exc()})
+
+
+def _error_file(message: dict) -> None:
+    import os
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:  # not a rank torchrun started
+        return
+    # torchrun shows extraInfo.py_callstack when there is one, else message; it picks the root
+    # cause by the timestamp (the first rank to fail).
+    extra = {"timestamp": str(int(time.time()))}
+    if "py_callstack" in message:
+        extra["py_callstack"] = message["py_callstack"]
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message["message"], "extraInfo": extra}}, f)
+    except OSError:  # the message is on stderr already; torchrun then says it has none
+        pass
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already names the input, setting or file and the fix: printed as
     one line, not a traceback."""
@@ -400,8 +482,11 @@ def main(argv: list[str] | None = None) -> int:
                     "import-fastcomposer": _import_fastcomposer,
                     "import-photomaker": _import_photomaker}[args.command](args)
         except known as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            _error(str(exc))
             return 2
+        except Exception as exc:  # a crash: under torchrun its traceback goes to torchrun's summary too
+            _record_crash(exc)
+            raise
     except KeyboardInterrupt:  # train says more itself (its checkpoint and the command that resumes)
         print(f"error: interrupted (Ctrl-C) during `{args.command}`.", file=sys.stderr)
         return 130

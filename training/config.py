@@ -22,6 +22,9 @@ from portraitbooth_core.bounded_json import JSONLimitError, load_json_bytes
 MODES = ("full", "lora", "frozen")
 OPTIMIZERS = ("adamw", "adamw8bit")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# portraitbooth_core.ecac.loss.FLOORS (not imported: this module loads no torch)
+LOC_FLOORS = ("paper", "log")
+ON_COLLAPSE = ("warn", "stop")
 # Learning rate when `lr` is 0 (the default): the paper's constant 1e-5 fine-tunes the whole
 # UNet; LoRA adapters (and the projector alone, mode=frozen) start from zero or random weights
 # with far fewer parameters and barely move at that rate, so they get 1e-4.
@@ -79,6 +82,11 @@ class TrainConfig:
     ecac_gamma: float = 0.1
     ecac_lambda: float = 0.001
     ecac_mu: float = 0.01
+    loc_floor: str = "paper"      # L_loc's floor term: "paper" relu(beta - A); "log" keeps a gradient on a dead token (not the paper's)
+    # attention health (training/run/health.py): the identity/expression tokens' attention in the face, logged per step
+    collapse_threshold: float = 1e-4  # a token whose mean attention in the face is below this in every layer group is dead; 0: no alarm
+    collapse_patience: int = 200  # logged steps in a row a token must be dead before the alarm (healthy evidence runs had deaths of < 80 steps that healed)
+    on_collapse: str = "warn"     # warn: log the alarm and go on; stop: save a checkpoint and end the run with an error
     recognizer: str = ""          # ArcFace ONNX for L_id; empty: the one the dataset was built with
     recognizer_feature: str = "final"
     # warm start from FastComposer (training/models/warm_start.py, training/run/stage0.py; README "Warm start from FastComposer")
@@ -183,6 +191,10 @@ LIMITS: dict[str, Limit] = {
     "loc_layers": Limit(choices=("mid", "all")),
     "ecac_beta": Limit(0.0, 1.0), "ecac_gamma": Limit(0.0, 1.0),
     "ecac_lambda": Limit(0.0, 10.0), "ecac_mu": Limit(0.0, 10.0),
+    "loc_floor": Limit(choices=LOC_FLOORS),
+    "collapse_threshold": Limit(0.0, 1.0, note="0: no alarm"),
+    "collapse_patience": Limit(1, STEPS_MAX),
+    "on_collapse": Limit(choices=ON_COLLAPSE),
     "recognizer": Limit(),
     # portraitbooth_core.face.arcface_torch.FEATURES (not imported: this module loads no torch)
     "recognizer_feature": Limit(choices=("final", "stage1", "stage2", "stage3", "stage4")),

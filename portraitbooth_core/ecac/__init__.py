@@ -8,6 +8,9 @@ Owns everything that reads or edits cross-attention:
   capture           `AttentionCapture`, `AttentionStore`: per-word maps, differentiable for training
   control           `ExpressionControl`, `ControlSettings`: the inference-time edit inside the face
   loss              `localization_loss`, `loss_from_capture`, `ECACSettings`: L_loc of training
+                    (the paper's floor term, or the log floor that keeps a gradient on a dead token)
+  health            `attention_sums`, `summarize`, `CollapseMonitor`: the tokens' attention in
+                    the face during training, from L_loc's maps, and the dead-token alarm
   expression_words  `find_expression_tokens`, `find_word_tokens`, `matches`, `TokenMatch`: where
                     the emotion words (from `portraitbooth_core.vocabulary`) sit in a prompt
   preview           `overlay_maps`: captured maps over images

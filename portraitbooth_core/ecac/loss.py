@@ -11,14 +11,28 @@ answer to both tokens instead of the identity token taking all of it.
 Means run over batch and pixels at each layer's own resolution (the mask is resized
 to it), so a 16x16 and an 8x8 layer weigh the same. Samples without an expression word
 (or without a face, for training's text-only 10%) are left out through the weights.
+
+The floor term's form (ECACSettings.floor_form; training's `loc_floor` setting):
+  "paper": relu(beta - A) M, as above (the default, unchanged).
+  "log":   beta * relu(log beta - log A) M. Not the paper's. Its slope in A is -beta / A:
+           -1 at the floor (as the paper's), steeper below it. Through the softmax
+           (dA/dz = A (1 - A)) the paper's pull on a token's logit is A (1 - A), which
+           vanishes when the token is dead (A ~ 1e-10: the collapse of README's evidence
+           seed 1); the log form's is beta (1 - A), which does not.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+FLOORS = ("paper", "log")  # the floor term's forms (module docstring)
+# Added to A under the log: a probability that underflowed to 0 gives a finite (large) term.
+# float32 holds it (the maps are float32); the term is computed in float32 whatever the input.
+LOG_EPS = 1e-30
 
 
 @dataclass(frozen=True)
@@ -27,6 +41,7 @@ class ECACSettings:
     gamma: float = 0.1     # expression truncation
     lam: float = 0.001     # lambda: identity term weight
     mu: float = 0.01       # expression term weight
+    floor_form: str = "paper"  # the floor term: "paper" (relu(beta - A)) or "log" (module docstring)
 
 
 @dataclass
@@ -47,10 +62,24 @@ def _weighted_mean(per_sample: torch.Tensor, weight: torch.Tensor) -> torch.Tens
     return (per_sample * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
-def token_terms(attn: torch.Tensor, mask: torch.Tensor, floor: float, weight: torch.Tensor) -> torch.Tensor:
-    """mean(A (1-M)) + mean(relu(floor - A) M) for one token at one layer; attn, mask (b, h, w)."""
+def below_floor(attn: torch.Tensor, floor: float, form: str = "paper") -> torch.Tensor:
+    """The floor term's per-pixel penalty: relu(floor - A) ("paper") or
+    floor * relu(log floor - log A) ("log"; in float32, 0 everywhere when floor is 0)."""
+    if form == "paper":
+        return F.relu(floor - attn)
+    if form == "log":
+        if floor <= 0:
+            return torch.zeros_like(attn, dtype=torch.float32)
+        return floor * F.relu(math.log(floor) - torch.log(attn.float() + LOG_EPS))
+    raise ValueError(f"the floor term's form must be one of {', '.join(FLOORS)}, got {form!r}")
+
+
+def token_terms(attn: torch.Tensor, mask: torch.Tensor, floor: float, weight: torch.Tensor,
+                form: str = "paper") -> torch.Tensor:
+    """mean(A (1-M)) + mean(below_floor(A) M) for one token at one layer; attn, mask (b, h, w).
+    form "paper": mean(relu(floor - A) M), the paper's term."""
     outside = (attn * (1 - mask)).flatten(1).mean(1)
-    inside = (F.relu(floor - attn) * mask).flatten(1).mean(1)
+    inside = (below_floor(attn, floor, form) * mask).flatten(1).mean(1)
     return _weighted_mean(outside + inside, weight)
 
 
@@ -72,8 +101,8 @@ def localization_loss(identity_maps: Sequence[torch.Tensor], expression_maps: Se
     total = 0
     for name, a_i, a_j in zip(names, identity_maps, expression_maps):
         m = resize_mask(mask, tuple(a_i.shape[-2:]))
-        ident = settings.lam * token_terms(a_i, m, settings.beta, face)
-        express = settings.mu * token_terms(a_j, m, settings.gamma, expr)
+        ident = settings.lam * token_terms(a_i, m, settings.beta, face, settings.floor_form)
+        express = settings.mu * token_terms(a_j, m, settings.gamma, expr, settings.floor_form)
         per_layer[name] = {"identity": ident, "expression": express, "total": ident + express}
         total = total + ident + express
     return LocLoss(total / len(identity_maps), per_layer)

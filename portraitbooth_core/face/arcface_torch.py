@@ -81,7 +81,8 @@ def _stage_nodes(gm: torch.fx.GraphModule, size: int) -> dict[str, torch.fx.Node
 class TorchArcFace(nn.Module):
     """ArcFace as a frozen torch module; input RGB in 0..1, aligned [B,3,S,S]."""
 
-    def __init__(self, model_path: str | os.PathLike, feature: str = "final"):
+    def __init__(self, model_path: str | os.PathLike, feature: str = "final",
+                 device: str | torch.device | None = None):
         super().__init__()
         if feature not in FEATURES:
             raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
@@ -106,6 +107,8 @@ class TorchArcFace(nn.Module):
         mean, std = input_normalization(self.path)
         self.register_buffer("mean", torch.tensor(mean / 255.0))
         self.register_buffer("std", torch.tensor(std / 255.0))
+        if device is not None:  # built on the CPU (onnx2torch, the stage search), then moved once
+            self.to(device)
 
     def train(self, mode: bool = True) -> "TorchArcFace":
         # Always eval: BatchNorm must use its running statistics, never the batch's.
@@ -113,6 +116,7 @@ class TorchArcFace(nn.Module):
 
     def forward_all(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(raw final embedding [B,D], selected feature as an L2-normalized vector [B,C])."""
+        crops = crops.to(self.mean.device)  # callers may hand CPU crops to a GPU recognizer
         out = self.net((crops - self.mean) / self.std)
         if self.feature == "final":
             return out, F.normalize(out, dim=-1)

@@ -27,8 +27,12 @@ def find_parsing_weights(folders: list[str | os.PathLike]) -> Path | None:
 def build_encoder(pack_dir: str | os.PathLike | None = None, detector: str = "auto", recognizer: str = "auto",
                   provider: str = "auto", det_size: int = 640, parsing_weights: str | os.PathLike | None = None,
                   parsing_searched: str = "", ears: bool = False, hair: bool = False,
-                  neck: bool = False) -> FaceEncoder:
+                  neck: bool = False, device: str | torch.device | None = None) -> FaceEncoder:
     """Detector + recognizer + mask maker. pack_dir=None means the zero-download backends.
+
+    `provider` places the onnxruntime models; `device` the torch ones (face parsing): the
+    caller's torch device (ComfyUI's, from the node), or by default CUDA when torch sees it
+    and the provider is not 'cpu'. Their results come back to the CPU either way.
 
     With a pack, its SCRFD, ArcFace and gender/age model (when the pack has one) run through
     insightface (see insight.py); a missing or empty pack folder is a PackError."""
@@ -79,7 +83,8 @@ def build_encoder(pack_dir: str | os.PathLike | None = None, detector: str = "au
 
     parser, note = None, ""
     if parsing_weights is not None:
-        device = "cuda" if provider != "cpu" and torch.cuda.is_available() else "cpu"
+        if device is None:
+            device = "cuda" if provider != "cpu" and torch.cuda.is_available() else "cpu"
         try:
             parser = FaceParser(parsing_weights, device, ears=ears, hair=hair, neck=neck)
             note = f"face parsing (BiSeNet, {Path(parsing_weights).name})"

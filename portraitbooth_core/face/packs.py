@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import PackError
+from .errors import IncompletePackError, PackError
 
 KNOWN_PACKS = ("antelopev2", "buffalo_l", "buffalo_m", "buffalo_s", "buffalo_sc")
 # insightface task name -> what the report calls it, and whether the pack uses it.
@@ -141,13 +141,14 @@ def load_pack(folder: str | os.PathLike, need_detector: bool = True, need_recogn
     """inspect_pack, raising PackError that lists what is missing or corrupt and where we looked."""
     real = pack_folder(folder)
     info = inspect_pack(real, providers)
-    missing = []
+    missing = {}
     if need_detector and info.detector is None:
-        missing.append("a face detector (SCRFD, e.g. det_10g.onnx or scrfd_10g_bnkps.onnx)")
+        missing["detector"] = "a face detector (SCRFD, e.g. det_10g.onnx or scrfd_10g_bnkps.onnx)"
     if need_recognizer and info.recognizer is None:
-        missing.append("a face recognizer (ArcFace, e.g. w600k_r50.onnx or glintr100.onnx)")
+        missing["recognizer"] = "a face recognizer (ArcFace, e.g. w600k_r50.onnx or glintr100.onnx)"
     if missing:
-        lines = [f"The face model pack in {info.folder.resolve()} is incomplete: missing " + " and ".join(missing) + "."]
+        lines = [f"The face model pack in {info.folder.resolve()} is incomplete: missing "
+                 + " and ".join(missing.values()) + "."]
         found = [p.name for p in _onnx_files(info.folder)]
         lines.append(f"Files found there: {', '.join(found) if found else 'no *.onnx files'}.")
         for name, err in info.corrupt.items():
@@ -156,5 +157,5 @@ def load_pack(folder: str | os.PathLike, need_detector: bool = True, need_recogn
             lines.append(f"  {name}: {role}")
         lines.append("Download the complete pack again and unpack it so that the *.onnx files sit directly "
                      "in that folder.")
-        raise PackError("\n".join(lines))
+        raise IncompletePackError("\n".join(lines), tuple(missing))
     return info

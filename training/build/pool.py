@@ -14,6 +14,7 @@ seconds of imports; elsewhere they are spawned.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import sys
@@ -55,8 +56,19 @@ def _watch_builder(builder: int) -> None:
     threading.Thread(target=watch, name="builder-watch", daemon=True).start()
 
 
+class _Quiet(logging.Filter):
+    """Drops the face encoder's set-up notices (CPU provider, mask fallback) in a worker:
+    the builder's process made the same encoder from the same spec and printed them once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
 def _init(spec, source: str, settings, comfyui: str | None, threads: int, builder: int) -> None:
     _watch_builder(builder)
+    # What a worker does log reads like the builder's own lines ("%(message)s", as the command
+    # line sets it), not "WARNING:portraitbooth.face:..." from the root logger's first use.
+    logging.basicConfig(format="%(message)s", force=True)
     # Each worker its share of the cores (onnxruntime reads OMP_NUM_THREADS when it makes a
     # session), unless the user capped the threads for the whole run.
     cap = os.environ.setdefault("OMP_NUM_THREADS", str(threads))
@@ -71,7 +83,13 @@ def _init(spec, source: str, settings, comfyui: str | None, threads: int, builde
     from .analyze import PersonAnalyzer, default_finder
 
     _worker["source"] = Path(source)
-    _worker["analyzer"] = PersonAnalyzer(Path(source), spec.create(), settings, default_finder())
+    face_log, quiet = logging.getLogger("portraitbooth.face"), _Quiet()
+    face_log.addFilter(quiet)
+    try:
+        encoder = spec.create()
+    finally:
+        face_log.removeFilter(quiet)
+    _worker["analyzer"] = PersonAnalyzer(Path(source), encoder, settings, default_finder())
 
 
 def _work(names: list[str]) -> list[tuple[str, object]]:

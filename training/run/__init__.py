@@ -10,6 +10,7 @@
   ema          exponential moving average of the trained weights
   distributed  torchrun ranks: process group, reductions
   metrics      metrics.jsonl, TensorBoard, the progress line
+  health       the collapse alarm: a token's attention dead in the face, warned of or stopped at
   validate     fixed validation batches
   dip_check    the face recognizer DIP's identity loss needs, checked before training
   stage0       FastComposer warm start: the projector fitted to its fused tokens

@@ -1,7 +1,8 @@
 """The recipe's loss terms as training calls them, on one micro-batch.
 
 L_noise: epsilon MSE, inside the (latent-sized) face mask only on the masked-noise samples.
-L_loc:   ECAC's localization loss (`portraitbooth_core.ecac.loss`), with the run's settings.
+L_loc:   ECAC's localization loss (`portraitbooth_core.ecac.loss`), with the run's settings
+         (loc_floor: the paper's floor term or the log form that keeps a gradient).
 L_id:    DIP's identity loss lives with DIP: `portraitbooth_core.dip.identity_loss`.
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ def noise_loss(eps_hat: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor, mas
 
 
 def ecac_settings(config: TrainConfig) -> ECACSettings:
-    return ECACSettings(beta=config.ecac_beta, gamma=config.ecac_gamma, lam=config.ecac_lambda, mu=config.ecac_mu)
+    return ECACSettings(beta=config.ecac_beta, gamma=config.ecac_gamma, lam=config.ecac_lambda, mu=config.ecac_mu,
+                        floor_form=config.loc_floor)
 
 
 def localization_loss(layers, mask: torch.Tensor, face_present: torch.Tensor, expression_present: torch.Tensor,

@@ -1,6 +1,8 @@
 """Logging every loss term: one console line per logged step, metrics.jsonl (what the DIP
 Trainer node plots and tests read), when asked TensorBoard (optional dependency), and the
-progress bar of an interactive run."""
+progress bar of an interactive run. The attention health (attn/... keys, run/health.py)
+goes to metrics.jsonl and TensorBoard in full, and to the console line and the bar in
+short; a collapse alarm's text is logged as a warning of its own."""
 from __future__ import annotations
 
 import json
@@ -28,7 +30,9 @@ class MetricsLog:
     def log(self, step: int, values: dict, console: bool = True) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: round(float(v), 8) if isinstance(v, float) else v for k, v in values.items()}}
+        # Attention shares keep 6 significant digits: a dead token's 1e-10 is the point, not 0.0.
+        record = {"step": step, **{k: (float(f"{v:.6g}") if k.startswith("attn/") else round(float(v), 8))
+                                   if isinstance(v, float) else v for k, v in values.items()}}
         with open(self.folder / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
@@ -36,9 +40,14 @@ class MetricsLog:
                 if isinstance(v, (int, float)):
                     self.writer.add_scalar(f"train/{k}", v, step)
         if console:
+            from .health import ALARM_KEY, compact
+
             # One line per step, through logging only (a print beside it doubled every line).
-            text = " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-            log.info("step %d %s", step, text)
+            # The attention health in short; the alarm was logged as a warning of its own.
+            text = " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
+                            if not k.startswith("attn/") and k != ALARM_KEY)
+            attn = compact(values)
+            log.info("step %d %s%s", step, text, f" | attn in face (share/x area): {attn}" if attn else "")
 
     def image(self, step: int, tag: str, image_hwc) -> None:
         if self.writer is not None:
@@ -47,6 +56,7 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 def read_metrics(folder: str | Path) -> list[dict]:
@@ -95,7 +105,11 @@ class Progress:
         if self.bar is None:
             return
         self.bar.update(self.images_per_step)
+        from .health import token_faces
+
         postfix = {k: f"{values[k]:.4g}" for k in ("total", "id") if isinstance(values.get(k), float)}
+        # Each token's attention in the face (its best layer group): what the collapse alarm reads.
+        postfix.update({f"{token[:2]}_face": f"{face:.2g}" for token, face in token_faces(values).items()})
         self.bar.set_postfix(step=step, **postfix, refresh=False)
 
     def close(self) -> None:

@@ -47,6 +47,8 @@ LOGISTICS = frozenset({
     "log_every", "save_every", "keep_last", "validate_every", "validation_steps", "validation_cfg",
     "tensorboard", "export_every", "export_name",
     "extra",  # free-form notes copied into the export's metadata
+    # the collapse alarm watches the run: a run warned of a collapse continues with it set otherwise
+    "collapse_threshold", "collapse_patience", "on_collapse",
 })
 _FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 RESULT_SETTINGS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in LOGISTICS)

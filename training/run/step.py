@@ -13,6 +13,7 @@ from torch import nn
 from portraitbooth_core.dip.estimate import eps_from_denoised, noised_latent, sigma_at
 from portraitbooth_core.dip.identity_loss import dip_identity_loss
 from portraitbooth_core.ecac.capture import AttentionCapture
+from portraitbooth_core.ecac.health import FIELDS, TOKENS, attention_sums, layer_groups
 from portraitbooth_core.ecac.layers import cross_attention_layers, install_on_layers, select_layers
 from portraitbooth_core.stea.projector import STEAProjector, splice_identity
 
@@ -40,6 +41,16 @@ class TrainModule(nn.Module):
         self._frozen = (models, recognizer)  # a tuple: not registered as submodules
         self.text = TextCache(models.clip)
         self.layers = select_layers(cross_attention_layers(models.unet), config.loc_layers)
+        # Attention health (portraitbooth_core.ecac.health) from L_loc's own maps: per forward
+        # a small device tensor of sums (`health`), read by the trainer with the loss terms.
+        self.health_groups = layer_groups(l.name for l in self.layers)
+        self.monitor_health = True  # off: no health sums (the train-step benchmark measures their cost)
+        self.health: torch.Tensor | None = None
+
+    @property
+    def health_size(self) -> int:
+        """Numbers in `health` (flattened) when the run's config captures maps; else 0."""
+        return len(TOKENS) * len(self.health_groups) * FIELDS if self.config.loc_weight > 0 else 0
 
     @property
     def models(self) -> Models:
@@ -80,10 +91,14 @@ class TrainModule(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         if cfg.noise_weight > 0:
             terms["noise"] = noise_loss(eps_hat, batch.noise, batch.masks, batch.masked_noise)
+        self.health = None
         if capture is not None:
             layers = capture.pop_layers()
             has_expr = torch.tensor([bool(p) for p in batch.expression_positions], device=x.device)
             terms["loc"] = localization_loss(layers, batch.masks, identity.float(), has_expr.float(), cfg)
+            if self.monitor_health and layers:
+                self.health = attention_sums(layers, batch.masks, identity.float(), has_expr.float(),
+                                             self.health_groups)
         dip = identity & (batch.timesteps <= cfg.id_max_timestep)
         recognizer = self._frozen[1]
         if cfg.id_weight > 0 and recognizer is not None and bool(dip.any()):

@@ -1,10 +1,11 @@
-"""The training loop: accumulation, DDP, NaN/inf guard, EMA, logging, validation,
-checkpoints with exact resume, export.
+"""The training loop: accumulation, DDP, NaN/inf guard, EMA, logging, the collapse alarm,
+validation, checkpoints with exact resume, export.
 
 Under DDP every collective is the same on every rank whatever its micro-batches drew:
 DDP's gradient all-reduce (every trainable parameter gets a gradient on every rank; see
-step.py), one fixed-size all-reduce per step for the logged terms and the NaN/inf guard,
-and the checkpoint barrier at steps every rank agrees on.
+step.py), one fixed-size all-reduce per step for the logged terms, the attention health
+and the NaN/inf guard, and the checkpoint barrier at steps every rank agrees on. The
+collapse alarm reads the reduced numbers, so every rank stops at the same step.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from portraitbooth_core.ecac.health import CollapseAlarm, summarize
 from portraitbooth_core.face.arcface_torch import TorchArcFace
 from portraitbooth_core.optional import require
 from portraitbooth_core.stea.projector import ProjectorConfig, STEAProjector
@@ -28,6 +30,7 @@ from ..config import TrainConfig
 from .dip_check import check_embedding_size, identity_recognizer
 from .data import BatchLoader, MicroBatchStream, micro_batch_rng
 from .ema import EMA
+from . import health as H
 from .metrics import MetricsLog, Progress, interactive
 from ..models.precision import choose_precision, grad_scaler
 from ..dataset.precomputed import Precomputed
@@ -102,6 +105,7 @@ class Trainer:
         self.ema = EMA(self.params, config.ema_decay) if config.ema_decay > 0 else None
         self.metrics = MetricsLog(self.out, config.tensorboard, enabled=self.dist.main)
         self.step, self.skipped_steps = 0, []
+        self.collapse = H.monitor(self.config)  # the dead-token alarm (run/health.py)
         ratio = getattr(self.models.vae, "downscale_ratio", 8)
         self.latent_hw = (self.resolution // ratio, self.resolution // ratio)
         if self.precomputed is not None:
@@ -181,12 +185,17 @@ class Trainer:
         """One optimizer step over the global batch. Returns what is logged, the same on
         every rank: each loss term averaged over the micro-batches (of all ranks) that had
         it, as one process accumulating the same global batch computes it; `id_batches`
-        counts the micro-batches with an identity-loss term."""
+        counts the micro-batches with an identity-loss term; with L_loc on, the attention
+        health of the step's samples (attn/<token>/<group>/face and conc, attn/area/<group>:
+        portraitbooth_core.ecac.health.summarize)."""
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
         # [sum, count] per term in a fixed order, plus a non-finite flag: one all-reduce of
         # the same size on every rank, whichever terms its micro-batches produced.
         stats = torch.zeros(len(LOGGED_TERMS), 2, dtype=torch.float64)
+        # The attention health's sums (portraitbooth_core.ecac.health), summed the same way;
+        # empty when L_loc is off (its maps are what it reads).
+        health = torch.zeros(self.module.health_size, dtype=torch.float64)
         for micro in range(cfg.grad_accum):
             batch = self.stream.get(self.step, micro).to(self.dist.device, non_blocking=True)
             positions = batch.positions
@@ -200,9 +209,15 @@ class Trainer:
                 raise RuntimeError(f"the training step returned loss terms {unknown} that trainer.LOGGED_TERMS "
                                    f"does not list; add them there (the per-step all-reduce has a fixed layout)")
             present = [i for i, k in enumerate(LOGGED_TERMS) if k in terms]
-            values = torch.stack([terms[LOGGED_TERMS[i]].detach().float() for i in present]).cpu().double()
-            stats[present, 0] += values  # one device sync per micro-batch, not one per term
+            values = torch.stack([terms[LOGGED_TERMS[i]].detach().float() for i in present])
+            attn = self.module.health if health.numel() else None
+            if attn is not None:  # read with the terms: the health costs no device sync of its own
+                values = torch.cat([values, attn.flatten().to(values)])
+            values = values.cpu().double()
+            stats[present, 0] += values[:len(present)]  # one device sync per micro-batch, not one per term
             stats[present, 1] += 1
+            if attn is not None:
+                health += values[len(present):]
         self.scaler.unscale_(self.optimizer)  # fp16: true gradients for the check and the clipping
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         # DDP has already averaged the gradients, so their check agrees on every rank; the
@@ -210,10 +225,12 @@ class Trainer:
         loss_ok = bool(torch.isfinite(stats[:, 0]).all())
         grads_ok = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         flags = torch.tensor([0.0 if loss_ok else 1.0, 0.0 if grads_ok else 1.0], dtype=torch.float64)
-        reduced = D.all_sum(torch.cat([stats.flatten(), flags]), self.dist)
-        totals = reduced[:-2].view(len(LOGGED_TERMS), 2)
+        reduced = D.all_sum(torch.cat([stats.flatten(), health, flags]), self.dist)
+        totals = reduced[:stats.numel()].view(len(LOGGED_TERMS), 2)
         sums = {k: float(s / n) for k, (s, n) in zip(LOGGED_TERMS, totals.tolist()) if n > 0}
         sums["id_batches"] = int(totals[LOGGED_TERMS.index("id"), 1])
+        if health.numel():
+            sums.update(summarize(reduced[stats.numel():stats.numel() + health.numel()], self.module.health_groups))
         loss_ok, grads_ok = float(reduced[-2]) == 0, float(reduced[-1]) == 0
         if self.scaler.is_enabled():
             sums["loss_scale"] = float(self.scaler.get_scale())
@@ -261,12 +278,13 @@ class Trainer:
         bar = Progress(cfg.steps, self.step, self.global_batch,
                        enabled=self.dist.main and callback is None and interactive())
         try:
-            self._run(callback, bar)
+            try:
+                self._run(callback, bar)
+            finally:
+                bar.close()
+            return export(self, export_path) if self.dist.main else None
         finally:
-            bar.close()
-        path = export(self, export_path) if self.dist.main else None
-        self.metrics.close()
-        return path
+            self.metrics.close()
 
     def _run(self, callback, bar: Progress) -> None:
         from .export import export
@@ -280,8 +298,13 @@ class Trainer:
             values["step_s"] = time.perf_counter() - start
             values["images_s"] = self.global_batch / max(values["step_s"], 1e-9)
             bar.update(self.step, values)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            logged = self.step % cfg.log_every == 0 or self.step == cfg.steps
+            alarms = self.watch(values) if logged else []
+            if logged:
                 self.metrics.log(self.step, values)
+            if alarms and cfg.on_collapse == "stop":
+                path = self.save()  # every rank read the same reduced numbers: all stop here
+                raise H.TrainingCollapsedError(H.stop_text(alarms, cfg, path, self.step))
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 self.save()
             if self.dist.main and cfg.validate_every and self.step % cfg.validate_every == 0:
@@ -290,6 +313,19 @@ class Trainer:
                 export(self, self.out / f"step-{self.step:08d}-{cfg.export_name}")
             if callback is not None:
                 callback(self.step, cfg.steps, values)
+
+    def watch(self, values: dict) -> list[CollapseAlarm]:
+        """The collapse alarm on one logged step's values (train_step's, reduced over ranks):
+        the alarms that fire now, each logged as a warning and its text put in `values`
+        (metrics.jsonl's `alarm`)."""
+        alarms = self.collapse.observe(self.step, values)
+        if alarms:
+            texts = [H.alarm_text(a, self.config) for a in alarms]
+            for text in texts:
+                if self.dist.main:
+                    log.warning("%s", text)
+            values[H.ALARM_KEY] = " ".join(texts)
+        return alarms
 
     def close(self) -> None:
         self.stream.close()

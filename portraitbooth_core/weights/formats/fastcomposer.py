@@ -97,6 +97,20 @@ RELEASE_WORDS = ReleaseWords(TruncatedFileError, UnsafeFileError, "FastComposer'
                              "fp16, twice that in fp32")
 
 
+def _wrong_shapes(source: str, what: str, wrong: list[tuple[str, tuple, object]]) -> WrongShapeError:
+    """The refusal of tensors whose shapes are not the release's: the file, each tensor (up
+    to five) with the shape found and the one expected, and what to do."""
+    shown = "; ".join(f"{key} has shape {tuple(found)}, expected {expected}" for key, found, expected in wrong[:5])
+    more = f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""
+    return WrongShapeError(f"{source}: {what}: {shown}{more}. {REDOWNLOAD}")
+
+
+# What to do about a file that is FastComposer-like but not the release: its shapes come from
+# the model, so only another copy of the released file helps.
+REDOWNLOAD = (f"The file is not FastComposer's released SD1.5 model, or it was changed; download pytorch_model.bin "
+              f"again from {SOURCE['weights']} and import that.")
+
+
 def _unwrap(obj, source: str) -> dict[str, torch.Tensor]:
     # Training scripts sometimes nest the weights; the release is flat, but accept both.
     for key in ("state_dict", "model", "module"):
@@ -197,9 +211,11 @@ def comfy_unet_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def unet_key_map(unet_shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict, dict[str, str], dict]:
+def unet_key_map(unet_shapes: Mapping[str, tuple[int, ...]],
+                 source: str = "the file") -> tuple[dict, dict[str, str], dict]:
     """(config, diffusers key -> ComfyUI key, ComfyUI shapes) for a diffusers UNet; raises
-    when a source key is left over, a ComfyUI key has no source, or a shape differs."""
+    when a source key is left over, a ComfyUI key has no source, or a shape differs
+    (`source` names the file in the message)."""
     import comfy.utils
 
     probe = {k: torch.empty(s, device="meta") for k, s in unet_shapes.items()}
@@ -211,12 +227,11 @@ def unet_key_map(unet_shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict, dict
     mapped_targets = set(mapping.values())
     missing = sorted(next((d for d, c in full.items() if c == t), t) for t in target if t not in mapped_targets)
     if leftover or missing:
-        raise MissingTensorsError(_listing("the UNet (unet.*)", missing, leftover))
-    wrong = [f"unet.{d} {tuple(unet_shapes[d])} (SD1.5 layout needs {target[c]})"
+        raise MissingTensorsError(f"{source}: {_listing('the UNet (unet.*)', missing, leftover)}")
+    wrong = [(f"unet.{d}", unet_shapes[d], f"{target[c]} (SD1.5's layout)")
              for d, c in mapping.items() if tuple(unet_shapes[d]) != target[c]]
     if wrong:
-        raise WrongShapeError(f"UNet tensors with the wrong shape: {'; '.join(wrong[:5])}"
-                              f"{f' and {len(wrong) - 5} more' if len(wrong) > 5 else ''}.")
+        raise _wrong_shapes(source, "UNet tensors with the wrong shape", wrong)
     return config, mapping, target
 
 
@@ -226,18 +241,26 @@ def _listing(what: str, missing: list[str], leftover: list[str]) -> str:
         parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:4])})")
     if leftover:
         parts.append(f"{len(leftover)} unexpected (e.g. {', '.join(leftover[:4])})")
-    return f"{what} does not have SD1.5's layout: {'; '.join(parts)}. The file is incomplete or another model."
+    return (f"{what} does not have SD1.5's layout: {'; '.join(parts)}. The file is incomplete or another model; "
+            f"download pytorch_model.bin again from {SOURCE['weights']}.")
 
 
 # ---------------------------------------------------------------- CLIP vision
+
+
+def _patch_grid(positions: int) -> int | None:
+    """The side of a ViT's patch grid from its position table's rows (one class token + a
+    square grid), or None when the rows are no such number."""
+    grid = math.isqrt(max(positions - 1, 0))
+    return grid if positions > 1 and grid * grid == positions - 1 else None
 
 
 def clip_vision_config(shapes: Mapping[str, tuple[int, ...]]) -> dict:
     """A ComfyUI/transformers CLIP vision config from `vision_model.*` tensor shapes."""
     patch = shapes["vision_model.embeddings.patch_embedding.weight"]
     positions = shapes["vision_model.embeddings.position_embedding.weight"][0]
-    grid = math.isqrt(positions - 1)
-    if grid * grid != positions - 1:
+    grid = _patch_grid(positions)
+    if grid is None:  # PhotoMaker's importer words this for its own file
         raise WrongShapeError(f"image_encoder position embedding has {positions} rows; a ViT needs 1 + a square")
     hidden = int(patch[0])
     return {
@@ -264,27 +287,48 @@ def is_vit_l14(config: dict) -> bool:
     return all(config[k] == v for k, v in VIT_L14.items())
 
 
-def clip_vision_key_check(shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict, list[str]]:
-    """(config, keys to write) for `vision_model.*` + `visual_projection.weight` shapes."""
+def clip_vision_key_check(shapes: Mapping[str, tuple[int, ...]], source: str = "the file") -> tuple[dict, list[str]]:
+    """(config, keys to write) for `vision_model.*` + `visual_projection.weight` shapes
+    (`source` names the file in the messages)."""
     for need in ("vision_model.embeddings.patch_embedding.weight", "vision_model.embeddings.position_embedding.weight",
                  "vision_model.encoder.layers.0.mlp.fc1.weight", "visual_projection.weight"):
         if need not in shapes:
-            raise MissingTensorsError(f"the image encoder lacks image_encoder.{need}; the file is incomplete "
-                                      f"or not FastComposer's. Download it again.")
+            raise MissingTensorsError(f"{source}: the image encoder lacks image_encoder.{need}; the file is "
+                                      f"incomplete or not FastComposer's. Download it again.")
+    table = shapes["vision_model.embeddings.position_embedding.weight"]
+    if _patch_grid(table[0]) is None:
+        raise _wrong_shapes(source, "the image encoder's position table is not a ViT's", [(
+            "image_encoder.vision_model.embeddings.position_embedding.weight", table,
+            f"(1 + a square number of patches, {table[-1]}), e.g. (257, 1024) for CLIP ViT-L/14 at 224 px")])
     config = clip_vision_config(shapes)
     target = comfy_clip_vision_shapes(config)
     # position_ids is a buffer older transformers saved; it is derived, not learned.
-    source = [k for k in shapes if not k.endswith("position_ids")]
-    leftover = sorted(k for k in source if k not in target)
+    keys = [k for k in shapes if not k.endswith("position_ids")]
+    leftover = sorted(k for k in keys if k not in target)
     missing = sorted(k for k in target if k not in shapes)
     if leftover or missing:
-        raise MissingTensorsError(_listing("the image encoder (image_encoder.*)", missing, leftover)
+        raise MissingTensorsError(f"{source}: " + _listing("the image encoder (image_encoder.*)", missing, leftover)
                                   .replace("SD1.5's layout", "a CLIP vision layout"))
-    wrong = [f"image_encoder.{k} {tuple(shapes[k])} (expected {target[k]})" for k in source
-             if tuple(shapes[k]) != target[k]]
+    wrong = [(f"image_encoder.{k}", shapes[k], target[k]) for k in keys if tuple(shapes[k]) != target[k]]
     if wrong:
-        raise WrongShapeError(f"image encoder tensors with the wrong shape: {'; '.join(wrong[:5])}.")
-    return config, sorted(source)
+        raise _wrong_shapes(source, "image encoder tensors with the wrong shape", wrong)
+    return config, sorted(keys)
+
+
+def _not_sd15(unet: Mapping[str, tuple[int, ...]], config: dict) -> list[tuple[str, tuple, tuple]]:
+    """The tensors that tell a UNet of another base (SD2: 1024-d text context and linear
+    projections) from SD1.5's: (key, found, SD1.5's shape) for each that differs."""
+    wrong = []
+    conv_in = unet["conv_in.weight"]
+    if conv_in[0] != 320:
+        wrong.append(("unet.conv_in.weight", conv_in, (320, *conv_in[1:])))
+    to_k = next(k for k in unet if k.endswith("attn2.to_k.weight"))
+    if unet[to_k][1] != 768:
+        wrong.append((f"unet.{to_k}", unet[to_k], (unet[to_k][0], 768)))
+    proj_in = next((k for k in unet if k.endswith("attentions.0.proj_in.weight")), None)
+    if config["use_linear_in_transformer"] and proj_in is not None:  # SD1.5's are 1x1 convolutions
+        wrong.append((f"unet.{proj_in}", unet[proj_in], (*unet[proj_in], 1, 1)))
+    return wrong
 
 
 # ---------------------------------------------------------------- validation
@@ -337,16 +381,17 @@ def validate_release(sd: Mapping[str, torch.Tensor], source: str = "the file") -
     if missing or extra:
         raise MissingTensorsError(f"{source}: the postfuse module does not have FastComposer's layout: "
                                   f"missing {missing[:4] or 'none'}, unexpected {extra[:4] or 'none'}.")
-    wrong = [f"postfuse_module.{k} {pf[k]} (expected {s})" for k, s in want.items() if pf[k] != s]
+    wrong = [(f"postfuse_module.{k}", pf[k], s) for k, s in want.items() if pf[k] != s]
     if wrong:
-        raise WrongShapeError(f"{source}: postfuse tensors with the wrong shape: {'; '.join(wrong[:5])}.")
+        raise _wrong_shapes(source, "postfuse tensors with the wrong shape", wrong)
 
-    unet_config, unet_map, _ = unet_key_map(_sections(sd, "unet."))
-    if unet_config["context_dim"] != 768 or unet_config["model_channels"] != 320 or unet_config["use_linear_in_transformer"]:
-        raise WrongShapeError(
-            f"{source}: the UNet is not SD1.5's (text context {unet_config['context_dim']}, "
-            f"{unet_config['model_channels']} channels); FastComposer's release is SD1.5 (768, 320).")
-    clip_config, clip_keys = clip_vision_key_check(_sections(sd, "image_encoder."))
+    unet = _sections(sd, "unet.")
+    unet_config, unet_map, _ = unet_key_map(unet, source)
+    not_sd15 = _not_sd15(unet, unet_config)
+    if not_sd15:
+        raise _wrong_shapes(source, "the UNet is not SD1.5's (FastComposer's release is SD1.5)", not_sd15)
+    clip_shapes = _sections(sd, "image_encoder.")
+    clip_config, clip_keys = clip_vision_key_check(clip_shapes, source)
     if not is_vit_l14(clip_config):
         warnings.append(f"the image encoder is not CLIP ViT-L/14 at 224 px ({clip_config['num_hidden_layers']} layers, "
                         f"width {clip_config['hidden_size']}); ComfyUI's Load CLIP Vision recognises ViT-L/14 only")
@@ -355,17 +400,25 @@ def validate_release(sd: Mapping[str, torch.Tensor], source: str = "the file") -
     for need in ("embeddings.token_embedding.weight", "final_layer_norm.weight"):
         if need not in te:
             raise MissingTensorsError(f"{source} lacks text_encoder.{need}; the file is incomplete. Download it again.")
-    te_dim = te["final_layer_norm.weight"][0]
     vae = _sections(sd, "vae.")
     if not any(k.startswith("encoder.") for k in vae) or not any(k.startswith("decoder.") for k in vae):
         raise MissingTensorsError(f"{source}: vae.* has no encoder or no decoder; the file is incomplete. Download it again.")
 
-    dims = {"postfuse text": text_dim, "text encoder": te_dim, "UNet cross-attention": unet_config["context_dim"]}
-    if len(set(dims.values())) != 1:
-        raise WrongShapeError(f"{source}: text widths disagree ({', '.join(f'{k} {v}' for k, v in dims.items())}).")
+    # The UNet reads SD1.5's 768-d text (checked above): the text encoder and the postfuse module must too.
+    text = [("text_encoder.final_layer_norm.weight", te["final_layer_norm.weight"]),
+            ("postfuse_module.layer_norm.weight", pf["layer_norm.weight"])]
+    wrong = [(key, shape, (unet_config["context_dim"],)) for key, shape in text
+             if shape[0] != unet_config["context_dim"]]
+    if wrong:
+        raise _wrong_shapes(source, f"text widths disagree with the UNet's {unet_config['context_dim']}-d text "
+                                    f"context", wrong)
     if config.face_dim != clip_config["projection_dim"]:
-        raise WrongShapeError(f"{source}: the postfuse module reads {config.face_dim}-d image embeddings but the "
-                              f"image encoder projects to {clip_config['projection_dim']}.")
+        projection = clip_shapes["visual_projection.weight"]
+        raise _wrong_shapes(source, f"the postfuse module reads {config.face_dim}-d image embeddings (postfuse_module."
+                                    f"mlp1.layernorm.weight {pf['mlp1.layernorm.weight']} = {text_dim} text + "
+                                    f"{config.face_dim} image) but the image encoder projects to {projection[0]}",
+                            [("image_encoder.visual_projection.weight", projection,
+                              (config.face_dim, *projection[1:]))])
     return Plan(unet_config, unet_map, clip_config, clip_keys, config, text_dim,
                 _count(te, r"encoder\.layers\.(\d+)\."), warnings)
 
