@@ -102,7 +102,7 @@ def test_setup_with_comfyui_path_leaves_the_default_host_alone(tmp_path):
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     for name in ("scripts/setup_host.sh", "scripts/fetch_photos.py", "requirements.txt",
-                 "requirements-test.txt", "requirements-insightface.txt", "install.py"):
+                 "requirements-test.txt", "requirements-insightface.txt", "requirements-facenet.txt", "install.py"):
         shutil.copy(REPO / name, repo / name)
     default = tmp_path / "cache" / "portraitbooth" / "host"
     (default / "stamps").mkdir(parents=True)
