@@ -88,11 +88,10 @@ def _digest(data: bytes) -> str:
 
 
 def plan_images(s: ProtocolSettings, weight_files: list[WeightFile], subjects: dict[str, list[Path]], out: Path,
-                photo_names: dict[str, str]) -> list:
+                photo_names: dict[str, str], photo_digests: dict[str, str]) -> list:
     """One fan-out job per (weights, setting, subject group, prompt)."""
     from .fanout import ImageJob
 
-    photo_digest = {name: _digest(photos[0].read_bytes()) for name, photos in subjects.items()}
     jobs = []
     for weights in weight_files:
         checkpoint = s.checkpoints.get(weights.method.base)
@@ -125,7 +124,7 @@ def plan_images(s: ProtocolSettings, weight_files: list[WeightFile], subjects: d
                     records = tuple({"prompt": text, "category": prompt.category, "prompt_id": prompt.id,
                                      "seed": seed, "batch_index": k, "method": weights.method.name,
                                      "weights": weights.name, "setting": setting, "graph": graph_digest,
-                                     "photos": [photo_digest[g] for g in group]}
+                                     "photos": [photo_digests[g] for g in group]}
                                     for k in range(s.images_per_prompt))
                     jobs.append(ImageJob(
                         key=f"{stem}/{setting}/{'+'.join(group)}/{prompt.id}",
@@ -155,9 +154,9 @@ def run_protocol(clients: list, subjects_dir: Path, out: Path, s: ProtocolSettin
     if len(set(folders)) != len(folders):
         raise ValueError("two --weights files share a name; give each file once")
     # The paper generates from one reference photo per subject.
-    names = {name: f"pb_eval_{name}_{_digest(photos[0].read_bytes())}{photos[0].suffix.lower()}"
-             for name, photos in subjects.items()}
-    jobs = plan_images(s, weight_files, subjects, out, names)
+    digests = {name: _digest(photos[0].read_bytes()) for name, photos in subjects.items()}
+    names = {name: f"pb_eval_{name}_{digests[name]}{photos[0].suffix.lower()}" for name, photos in subjects.items()}
+    jobs = plan_images(s, weight_files, subjects, out, names, digests)
     for w in weight_files:
         log(f"[protocol] {w.label}: {', '.join(s.settings)}")
     run_jobs(jobs, clients, log=log)

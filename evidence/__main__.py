@@ -62,14 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only.split(",") if args.only else list(ABLATIONS)
     by_seed, plans, seconds = _run_seeds(args, seeds, names)
     print(f"{len(seeds) * len(names)} runs in {seconds:.0f} s", file=sys.stderr, flush=True)
-    table = report.markdown(by_seed)
     data = {"plans": plans, "results": by_seed, **report.summary(by_seed)}
+    return _publish(args, "evidence", report.markdown(by_seed), data, data["checks"])
+
+
+def _publish(args: argparse.Namespace, stem: str, table: str, data: dict, shown) -> int:
+    """Print the table and `shown`; with --out, write <stem>.md and <stem>.json (all of data)."""
     print(table)
-    print(json.dumps(data["checks"], indent=1))
+    print(json.dumps(shown, indent=1))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "evidence.md").write_text(table + "\n")
-        (args.out / "evidence.json").write_text(json.dumps(data, indent=1))
+        (args.out / f"{stem}.md").write_text(table + "\n")
+        (args.out / f"{stem}.json").write_text(json.dumps(data, indent=1))
     return 0
 
 
@@ -100,7 +104,6 @@ def _plan(args: argparse.Namespace, seed: int):
 
 
 def collapse_main(args: argparse.Namespace, seeds: list[int]) -> int:
-
     from . import collapse
     from .runs import STUDY, STUDY_EXTRA
 
@@ -112,16 +115,9 @@ def collapse_main(args: argparse.Namespace, seeds: list[int]) -> int:
         return 2
     by_seed, plans, seconds = _run_seeds(args, seeds, names)
     print(f"collapse study: {len(seeds) * len(names)} runs in {seconds:.0f} s", file=sys.stderr, flush=True)
-    table = collapse.markdown(by_seed)
     data = {"plans": plans, "results": by_seed, "collapse_threshold": collapse.threshold(),
             "summary": collapse.summary(by_seed)}
-    print(table)
-    print(json.dumps(data["summary"], indent=1))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "evidence_collapse.md").write_text(table + "\n")
-        (args.out / "evidence_collapse.json").write_text(json.dumps(data, indent=1))
-    return 0
+    return _publish(args, "evidence_collapse", collapse.markdown(by_seed), data, data["summary"])
 
 
 def warm_start_main(args: argparse.Namespace, seeds: list[int]) -> int:
@@ -139,16 +135,9 @@ def warm_start_main(args: argparse.Namespace, seeds: list[int]) -> int:
                                                 verbose=True, warm_steps=args.warm_steps)
     print(f"warm-start runs of {len(seeds)} seed(s) in {time.perf_counter() - start:.0f} s", file=sys.stderr,
           flush=True)
-    table = warm.markdown(by_seed)
     checks = warm.checks(by_seed)
-    print(table)
-    print(json.dumps(checks, indent=1))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "evidence_warm_start.md").write_text(table + "\n")
-        (args.out / "evidence_warm_start.json").write_text(json.dumps({"plans": plans, "results": by_seed,
-                                                                       "checks": checks}, indent=1))
-    return 0
+    return _publish(args, "evidence_warm_start", warm.markdown(by_seed),
+                    {"plans": plans, "results": by_seed, "checks": checks}, checks)
 
 
 if __name__ == "__main__":
