@@ -62,11 +62,23 @@ def _wait_lines(proc: subprocess.Popen, log: Path, *words: str, seconds: float =
             raise AssertionError(f"the helper did not say {words} ({'it ended' if ready else 'timed out'}); it said "
                                  f"{text!r}, rc {proc.poll()}, stderr: {log.read_text()[-2000:]}")
         text += chunk
-        for line in text.decode(errors="replace").splitlines():
+        # Complete lines only: a read can end inside a line, and a half line kept here would stay.
+        for line in text.decode(errors="replace").split("\n")[:-1]:
             word = next((w for w in words if line.startswith(w)), None)
             if word is not None:
                 found.setdefault(word, line)
     return found
+
+
+def test_the_helper_reader_keeps_a_line_whole_when_it_arrives_in_two_reads(tmp_path):
+    """CI once read "child" before its pid: a line is taken only once its newline came."""
+    split = "import os, time\nos.write(1, b'child')\ntime.sleep(0.5)\nos.write(1, b' 42\\nheld\\n')\n"
+    proc = _python(split, log=tmp_path / "split.log")
+    try:
+        assert _wait_lines(proc, tmp_path / "split.log", "child", "held") == {"child": "child 42", "held": "held"}
+    finally:
+        _kill([proc.pid])
+        proc.wait()
 
 
 def _alive(pid: int) -> bool:
