@@ -65,6 +65,50 @@ def test_constrain_rows_caps_identity_floors_expression_keeps_proportions():
     assert torch.allclose(squeezed.sum(-1), torch.ones(1)) and squeezed[0, [0, 1, 5]].sum() == 0
 
 
+def _constrain_one_row(row: list[float], identity: list[int], expression: list[int], beta: float,
+                       gamma: float) -> list[float]:
+    """The definition, one row at a time in float64: the reference for the batched edit."""
+    expression = sorted(set(expression))
+    identity = sorted(set(identity) - set(expression))
+    out = list(row)
+    mass = sum(row[i] for i in identity)
+    if mass > beta:
+        for i in identity:
+            out[i] = row[i] * beta / mass
+    for e in expression:
+        out[e] = max(row[e], gamma)
+    if out == list(row):
+        return out
+    fixed = identity + expression
+    wanted = sum(out[i] for i in fixed)
+    free = [t for t in range(len(row)) if t not in fixed]
+    if wanted > 1.0:
+        return [out[t] / wanted if t in fixed else 0.0 for t in range(len(row))]
+    free_mass = sum(row[t] for t in free)
+    for t in free:
+        out[t] = row[t] * (1.0 - wanted) / free_mass
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_constrain_rows_matches_the_definition_row_by_row_also_on_sharp_and_overfilled_rows(seed):
+    """Sharp rows (logits x12: probabilities far below 1e-12, free mass far below the fixed
+    one), several identity and expression tokens, targets that overfill the row."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = int(torch.randint(3, 80, (1,), generator=gen))
+    probs = (torch.randn(2, 3, tokens, generator=gen) * float(torch.rand(1, generator=gen)) * 12).softmax(-1)
+    pick = lambda: sorted(set(torch.randint(0, tokens, (seed % 3 + 1,), generator=gen).tolist()))  # noqa: E731
+    identity, expression = pick(), pick()
+    beta, gamma = float(torch.rand(1, generator=gen)), float(torch.rand(1, generator=gen)) * 0.5
+    out = constrain_rows(probs, identity, expression, beta, gamma)
+    rows = probs.reshape(-1, tokens).double().tolist()
+    expect = torch.tensor([_constrain_one_row(r, identity, expression, beta, gamma) for r in rows],
+                          dtype=torch.float64).reshape(out.shape)
+    assert torch.allclose(out.double(), expect, atol=2e-6, rtol=1e-4), (out.double() - expect).abs().max()
+    untouched = [i for i, r in enumerate(rows) if _constrain_one_row(r, identity, expression, beta, gamma) == r]
+    assert torch.equal(out.reshape(-1, tokens)[untouched], probs.reshape(-1, tokens)[untouched])
+
+
 def test_control_changes_only_targeted_tokens_inside_the_region():
     b, h, w = 2, 4, 6
     q, k, v = qkv(b, h, w)

@@ -40,39 +40,38 @@ class ControlSettings:
 
 @dataclass(frozen=True)
 class TokenColumns:
-    """The identity, expression and free columns of a row, on one device: made once per
-    prompt length, so an edit is elementwise ops on masks and gathers with index tensors
-    (no Python lists, no tensor built per call). Masks and indices are None when empty."""
-    identity: torch.Tensor | None       # (tokens,) bool
-    identity_cols: torch.Tensor | None  # their positions (long)
-    expression: torch.Tensor | None     # (tokens,) bool
-    fixed_cols: torch.Tensor            # identity then expression positions, the order the sums used
-    free: torch.Tensor                  # (tokens,) bool
-    free_cols: torch.Tensor | None
-    one: torch.Tensor                   # 1.0, the "unchanged" scale (a tensor: no scalar op per call)
+    """A prompt's columns as classes, made once per prompt length, device and limits:
+    the identity tokens form one class, each expression token one of its own, the rest
+    are free. An edit is then a per-class scale of the row: two small matrix products and
+    elementwise ops, the same kernels for any prompt (no Python lists, nothing per call)."""
+    classes: torch.Tensor  # (tokens, 1 + expressions + 1): identity, each expression, free
+    spread: torch.Tensor   # its transpose: per-class scales back to the columns (exact: one 1 a column)
+    free: torch.Tensor     # (classes,) bool: True for the last, the free class
+    floor: torch.Tensor    # (tokens,): gamma on the expression columns, 0 elsewhere
+    low: torch.Tensor      # (classes,): the same per class
+    high: torch.Tensor     # (classes,): beta for identity, +inf for the rest
 
     @classmethod
     def make(cls, identity: Sequence[int], expression: Sequence[int], tokens: int, device,
-             dtype: torch.dtype = torch.float32) -> "TokenColumns | None":
+             dtype: torch.dtype = torch.float32, beta: float = 0.8, gamma: float = 0.1) -> "TokenColumns | None":
         expr = sorted({p for p in expression if 0 <= p < tokens})
         ident = sorted({p for p in identity if 0 <= p < tokens} - set(expr))
         if not (ident or expr):
             return None
-        fixed = set(ident + expr)
-        free = [t for t in range(tokens) if t not in fixed]
-
-        def mask(cols: list[int]) -> torch.Tensor | None:
-            if not cols:
-                return None
-            m = torch.zeros(tokens, dtype=torch.bool)
-            m[cols] = True
-            return m.to(device)
-
-        def index(cols: list[int]) -> torch.Tensor | None:
-            return torch.tensor(cols, dtype=torch.long, device=device) if cols else None
-
-        return cls(mask(ident), index(ident), mask(expr), index(ident + expr), mask(free), index(free),
-                   torch.ones((), dtype=dtype, device=device))
+        classes = torch.zeros(tokens, 2 + len(expr), dtype=dtype)
+        classes[ident, 0] = 1.0
+        for i, p in enumerate(expr):
+            classes[p, 1 + i] = 1.0
+        classes[classes.sum(1) == 0, -1] = 1.0
+        floor = torch.zeros(tokens, dtype=dtype)
+        floor[expr] = gamma
+        low = floor @ classes
+        high = torch.full((classes.shape[1],), math.inf, dtype=dtype)
+        high[0] = beta
+        with torch.inference_mode(False):  # shared with training, where autograd may see them
+            return cls(classes.to(device), classes.t().contiguous().to(device),
+                       (torch.arange(classes.shape[1]) == classes.shape[1] - 1).to(device),
+                       floor.to(device), low.to(device), high.to(device))
 
 
 def constrain_rows(probs: torch.Tensor, identity: Sequence[int], expression: Sequence[int],
@@ -80,32 +79,32 @@ def constrain_rows(probs: torch.Tensor, identity: Sequence[int], expression: Seq
     """Rows of probs (..., tokens): identity mass capped at beta, each expression token
     raised to gamma, the remaining tokens rescaled to fill the rest. Rows already within
     the limits come back unchanged."""
-    cols = TokenColumns.make(identity, expression, probs.shape[-1], probs.device, probs.dtype)
-    return probs if cols is None else constrain(probs, cols, beta, gamma)
+    cols = TokenColumns.make(identity, expression, probs.shape[-1], probs.device, probs.dtype, beta, gamma)
+    return probs if cols is None else constrain(probs, cols)
 
 
-def constrain(probs: torch.Tensor, cols: TokenColumns, beta: float, gamma: float) -> torch.Tensor:
-    """constrain_rows with the columns made once. Sums gather their columns as before
-    (same values, same order: bit-identical results); the edits are masked selects."""
-    out = probs
-    if cols.identity_cols is not None:
-        mass = probs.index_select(-1, cols.identity_cols).sum(-1, keepdim=True)
-        scale = torch.where(mass > beta, beta / mass.clamp_min(1e-12), cols.one)
-        out = torch.where(cols.identity, probs * scale, out)
-    if cols.expression is not None:
-        out = torch.where(cols.expression, probs.clamp_min(gamma), out)
-    fixed_mass = out.index_select(-1, cols.fixed_cols).sum(-1, keepdim=True)
-    over = fixed_mass > 1.0  # beta + k*gamma > 1: the targets alone fill the row
-    # Free columns divided here too are replaced below: no mask needed.
-    out = torch.where(over, out / fixed_mass, out)
-    if cols.free_cols is not None:
-        free_mass = probs.index_select(-1, cols.free_cols).sum(-1, keepdim=True)
-        scale = (1.0 - fixed_mass.clamp_max(1.0)) / free_mass.clamp_min(1e-12)
-        # Rows whose fixed columns changed (where a free one was divided above, a fixed one
-        # was too): the others stay exactly as they were.
-        touched = (out != probs).any(-1, keepdim=True)
-        out = torch.where(cols.free, probs * torch.where(touched, scale, cols.one), out)
-    return out
+_TINY = 1e-12
+
+
+def constrain(probs: torch.Tensor, cols: TokenColumns) -> torch.Tensor:
+    """constrain_rows with the columns made once. The expression floor is applied to the
+    columns themselves (a token whose probability underflowed still gets gamma); the
+    identity class and the free tokens are scaled by factors from the class masses, and
+    every fixed class is divided by the wanted mass when the targets alone overfill the
+    row. The free tokens' mass comes from their own sum, never as 1 - fixed (that loses
+    every digit when the fixed tokens hold almost all of it). A row within the limits
+    gets factors of exactly 1 (the raise d is exactly 0): it comes back as it was."""
+    shape = probs.shape
+    p = probs.reshape(-1, shape[-1])
+    mass = (p @ cols.classes).clamp_min(_TINY)  # (rows, classes): identity, each expression, free
+    capped = mass.clamp_max(cols.high)
+    # what the targets add to the fixed mass (exactly 0 for a row within the limits)
+    added = (capped.clamp_min(cols.low) - mass).sum(-1, keepdim=True)
+    free_mass = mass[:, -1:]
+    left = free_mass - added  # for the free tokens: 1 - wanted, without the cancellation
+    fixed = capped / (mass * (1.0 - left).clamp_min(1.0))  # overfilled: every fixed class divided by wanted
+    scale = torch.where(cols.free, left.clamp_min(0.0) / free_mass, fixed)
+    return (p.clamp_min(cols.floor) * (scale @ cols.spread)).reshape(shape)
 
 
 def _not(g: Gate) -> Gate:
@@ -281,7 +280,9 @@ class ExpressionControl:
     def _token_columns(self, tokens: int, device, dtype) -> TokenColumns | None:
         key = (tokens, str(device), dtype)
         if key not in self._columns:
-            self._columns[key] = TokenColumns.make(self.identity, self.expression, tokens, device, dtype)
+            s = self.settings
+            self._columns[key] = TokenColumns.make(self.identity, self.expression, tokens, device, dtype,
+                                                   s.beta, s.gamma)
         return self._columns[key]
 
     def process(self, probs: torch.Tensor, call: LayerCall) -> torch.Tensor:
@@ -293,5 +294,5 @@ class ExpressionControl:
         cols = self._token_columns(probs.shape[-1], probs.device, probs.dtype)
         if cols is None:
             return probs
-        target = constrain(probs, cols, self.settings.beta, self.settings.gamma)
-        return probs + weight * (target - probs)
+        # weight 0 (outside the region or the window) gives probs back exactly
+        return torch.lerp(probs, constrain(probs, cols), weight)

@@ -502,6 +502,10 @@ class Attn2Dispatcher:
             full = torch.zeros(q.shape[0], q.shape[1], ours.shape[-1], dtype=ours.dtype, device=ours.device)
             full = others.put(full, self._fused(others.take(q), others.take(k), others.take(v), extra_options))
         if editing is not True:
+            if rows.start is not None and not full.requires_grad:  # in place on a view: one op
+                part = rows.take(full)
+                torch.where(editing, ours.to(full.dtype), part, out=part)
+                return full
             ours = torch.where(editing, ours.to(full.dtype), rows.take(full))
         return rows.put(full, ours)
 
