@@ -24,10 +24,11 @@ counted against the plain model on the same inputs:
   stea           Load PortraitBooth Model's UNet patch (a LoRA; ComfyUI merges it at load)
 on the SD1.5 stand-in (standins/sd15.py, one level: every cross-attention layer is a
 1/4-size one, the worst case), the SDXL-family stand-in (standins/sdxl.py, KOALA-like,
-3 levels) and SD1.5's real block layout at a narrow width (sd15-layout). Targets: 0 syncs
+3 levels) and SD1.5's and SDXL's real block layouts at a narrow width (sd15-layout,
+sdxl-layout: 5 of 16 and 60 of 70 cross-attention layers at 1/4 size). Targets: 0 syncs
 in every patch; ops <= 1.15x plain for control, <= 1.05x for capture only, 1.00x for STEA.
 
-    OMP_NUM_THREADS=1 python benchmarks/dispatch_budget.py [--models sd15 sdxl sd15-layout] [--ops]
+    OMP_NUM_THREADS=1 python benchmarks/dispatch_budget.py [--models sd15 sdxl sd15-layout sdxl-layout] [--ops]
 
 Prints one JSON line per (model, patch); --ops adds the ops the patch adds, by name.
 """
@@ -164,15 +165,23 @@ SDXL = Family("sdxl", 2048, 2816, "sdxl")
 # instead of 320: the op count depends on the layout, not the width. Not detectable from
 # its weights (ComfyUI reads 320 channels as SD1.5), so it is built from ComfyUI's config.
 SD15_LAYOUT = Family("sd15-layout", 768, None, "sd15")
-FAMILIES = {f.name: f for f in (SD15, SDXL, SD15_LAYOUT)}
+# SDXL's real layout (70 cross-attention layers, 60 of them at 1/4 size) at 64 channels.
+SDXL_LAYOUT = Family("sdxl-layout", 2048, 2816, "sdxl")
+FAMILIES = {f.name: f for f in (SD15, SDXL, SD15_LAYOUT, SDXL_LAYOUT)}
+SDXL_FULL = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
+    channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+    transformer_depth_middle=10, num_head_channels=64, use_spatial_transformer=True, use_linear_in_transformer=True,
+    context_dim=2048, adm_in_channels=2816, num_classes="sequential", legacy=False,
+)
 
 
 def load_model(family: Family):
     """The family's stand-in UNet as ComfyUI loads a diffusion model, on ComfyUI's device."""
     import comfy.sd
 
-    if family is SD15_LAYOUT:
-        return sd15_layout_model()
+    if family in (SD15_LAYOUT, SDXL_LAYOUT):
+        return layout_model(family)
     if family is SD15:
         from standins.sd15 import tiny_unet_state_dict
         sd = tiny_unet_state_dict(0)
@@ -185,7 +194,8 @@ def load_model(family: Family):
     return model
 
 
-def sd15_layout_model():
+def layout_model(family: Family):
+    """SD1.5's or SDXL's real block layout at 64 channels, random weights."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
@@ -193,7 +203,10 @@ def sd15_layout_model():
     from benchmarks.ecac_cost import SD15_FULL
     from standins.sd15 import randomize
 
-    config = comfy.supported_models.SD15(dict(SD15_FULL, model_channels=64))
+    if family is SD15_LAYOUT:
+        config = comfy.supported_models.SD15(dict(SD15_FULL, model_channels=64))
+    else:
+        config = comfy.supported_models.SDXL(dict(SDXL_FULL, model_channels=64))
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
     randomize(model.diffusion_model, 0)
@@ -338,7 +351,7 @@ def measure(model, family: Family, patch: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["sd15", "sdxl", "sd15-layout"], choices=list(FAMILIES))
+    parser.add_argument("--models", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--patches", nargs="+", default=list(PATCHES), choices=list(PATCHES))
     parser.add_argument("--ops", action="store_true", help="list the ops each patch adds")
     args = parser.parse_args()

@@ -148,6 +148,22 @@ def test_control_touches_cond_rows_only_and_respects_the_window():
     assert torch.equal(Attn2Dispatcher(fused, [zero])(q, k, v, options(b)), fused(q, k, v, HEADS))
 
 
+@pytest.mark.parametrize("order", [(1, 0), (0, 1)])
+@pytest.mark.parametrize("window", ["whole schedule", "device gate"])
+def test_cond_rows_get_the_edit_and_uncond_rows_comfyuis_attention_in_either_chunk_order(order, window):
+    """The whole-schedule window is known on the host (the cond and uncond rows are joined
+    without a gate); a window with an end is a gate on the device (written in place)."""
+    b = 4
+    q, k, v = qkv(b)
+    end = 0.0 if window == "whole schedule" else 1.0
+    control = ExpressionControl(ID, EXPR, ControlSettings(beta=0.1, gamma=0.3, sigma_end=end), torch.ones(4, 6))
+    out = Attn2Dispatcher(fused, [control])(q, k, v, options(b, cond_or_uncond=order))
+    cond, uncond = (slice(2, 4), slice(0, 2)) if order == (1, 0) else (slice(0, 2), slice(2, 4))
+    assert torch.equal(out[uncond], fused(q[uncond], k[uncond], v[uncond], HEADS))
+    edited = constrain_rows(attention_probs(q[cond], k[cond], HEADS), ID, EXPR, 0.1, 0.3)
+    assert torch.allclose(out[cond], apply_probs(edited, v[cond]), atol=1e-5)
+
+
 def test_region_comes_from_previous_step_identity_attention():
     b, h, w = 1, 4, 6
     q, k, v = qkv(b, h, w)

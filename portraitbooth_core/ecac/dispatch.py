@@ -499,10 +499,15 @@ class Attn2Dispatcher:
         else:
             cond = set(call.cond_rows)
             others = RowIndex.of([r for r in range(q.shape[0]) if r not in cond], q.shape[0])
-            full = torch.zeros(q.shape[0], q.shape[1], ours.shape[-1], dtype=ours.dtype, device=ours.device)
-            full = others.put(full, self._fused(others.take(q), others.take(k), others.take(v), extra_options))
+            theirs = self._fused(others.take(q), others.take(k), others.take(v), extra_options).to(ours.dtype)
+            if rows.start is not None and others.start is not None:  # two ranges (CFG's chunks): one cat
+                return torch.cat([ours, theirs] if rows.start < others.start else [theirs, ours])
+            full = others.put(torch.zeros(q.shape[0], q.shape[1], ours.shape[-1], dtype=ours.dtype,
+                                          device=ours.device), theirs)
         if editing is not True:
-            if rows.start is not None and not full.requires_grad:  # in place on a view: one op
+            # In place on a view of ComfyUI's fresh output (one op; a wrapped patch's own
+            # output is left alone: it might keep it).
+            if rows.start is not None and self.inner is None and not full.requires_grad:
                 part = rows.take(full)
                 torch.where(editing, ours.to(full.dtype), part, out=part)
                 return full
