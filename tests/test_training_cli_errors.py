@@ -236,8 +236,11 @@ def test_ctrl_c_says_where_the_run_stands_and_how_to_resume_it(four_step_run, tm
     folder = tmp_path / "run"
     shutil.copytree(source, folder)
     args = ["train", "--device", "cpu", "--config", str(config), "--output", str(folder), "--set", "steps=1000"]
+    # As from a terminal: a suite started in the background (`cmd &` in a script, nohup)
+    # hands its children SIGINT ignored, and Python then leaves it ignored.
     proc = subprocess.Popen([sys.executable, "-m", "training", *args], cwd=REPO, env={**os.environ, **ENV},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         metrics, end = folder / "metrics.jsonl", time.monotonic() + 240
         logged = len(metrics.read_text().splitlines())
