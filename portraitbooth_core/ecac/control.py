@@ -93,7 +93,7 @@ def constrain(probs: torch.Tensor, cols: TokenColumns) -> torch.Tensor:
     every fixed class is divided by the wanted mass when the targets alone overfill the
     row. The free tokens' mass comes from their own sum, never as 1 - fixed (that loses
     every digit when the fixed tokens hold almost all of it). A row within the limits
-    gets factors of exactly 1 (the raise d is exactly 0): it comes back as it was."""
+    gets factors of exactly 1 (what the targets add is exactly 0): it comes back as it was."""
     shape = probs.shape
     p = probs.reshape(-1, shape[-1])
     mass = (p @ cols.classes).clamp_min(_TINY)  # (rows, classes): identity, each expression, free
