@@ -252,7 +252,7 @@ def test_ctrl_c_says_where_the_run_stands_and_how_to_resume_it(four_step_run, tm
     finally:
         proc.kill()
     message = one_error(subprocess.CompletedProcess(args, proc.returncode, out, err), code=130)
-    assert message.startswith(f"interrupted (Ctrl-C) at step ") and " of 1000. The run in " in message, message
+    assert message.startswith("interrupted (Ctrl-C) at step ") and " of 1000. The run in " in message, message
     newest = sorted((folder / "checkpoints").glob("step-*.pt"))[-1]
     assert f"the newest is {newest} (step {int(newest.name[5:13])})" in message, message
     assert message.endswith(f"Resume it with: python -m training {shlex.join(args)}"), message
